@@ -1,0 +1,217 @@
+"""`RISDataModule`: REFER samples + superpixel maps + tokenised prompts, padded per batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from datamodules.errors import DataError
+from datamodules.refer import ReferDataset
+
+
+def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-resize a label map to size×size and relabel it 0..K-1 (tiny regions may vanish)."""
+    h, w = labels.shape
+    ys = (np.arange(size) * h // size).clip(0, h - 1)
+    xs = (np.arange(size) * w // size).clip(0, w - 1)
+    small = labels[ys[:, None], xs[None, :]]
+    _, inverse = np.unique(small, return_inverse=True)
+    return inverse.reshape(size, size).astype(np.int64)
+
+
+@dataclass
+class TextEncoding:
+    input_ids: list[int]
+    labels: list[int]
+
+
+class PromptEncoder:
+    """Turns a referring sentence into `[bos] prompt answer [eos]` ids with answer-only labels."""
+
+    def __init__(self, tokenizer, prompt: str, answer: str):
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.answer = answer
+        if "{sentence}" not in prompt or "<image>" not in prompt:
+            raise DataError(
+                f"data.prompt must contain '<image>' and '{{sentence}}'; got {prompt!r}."
+            )
+
+    def __call__(self, sentence: str) -> TextEncoding:
+        tok = self.tokenizer
+        prompt_ids = tok(self.prompt.format(sentence=sentence), add_special_tokens=False)[
+            "input_ids"
+        ]
+        answer_ids = tok(" " + self.answer, add_special_tokens=False)["input_ids"]
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        ids = bos + prompt_ids + answer_ids + eos
+        labels = [-100] * (len(bos) + len(prompt_ids)) + answer_ids + eos
+        return TextEncoding(ids, labels)
+
+
+class RISDataset(Dataset):
+    """One sample per sentence, with its image's superpixel map when a store is given."""
+
+    def __init__(self, refer: ReferDataset, store=None, label_size: int = 64):
+        self.refer = refer
+        self.store = store
+        self.label_size = label_size
+
+    def __len__(self) -> int:
+        return len(self.refer)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.refer[index])
+        if self.store is not None:
+            labels = self.store.get(item["image_id"])
+            item["superpixels"] = labels
+            item["labels"] = resize_labels(labels, self.label_size)
+        return item
+
+
+class RISCollate:
+    """Pads variable-length text and variable superpixel counts; keeps images at native size."""
+
+    def __init__(self, prompt_encoder: PromptEncoder, pad_id: int):
+        self.encode = prompt_encoder
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict]) -> dict[str, Any]:
+        enc = [self.encode(it["sentence"]) for it in items]
+        length = max(len(e.input_ids) for e in enc)
+        ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
+        lab = torch.full((len(items), length), -100, dtype=torch.long)
+        for i, e in enumerate(enc):
+            ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            lab[i, : len(e.labels)] = torch.tensor(e.labels)
+        batch: dict[str, Any] = {
+            "images": [torch.from_numpy(np.ascontiguousarray(it["image"])) for it in items],
+            "masks": [torch.from_numpy(np.ascontiguousarray(it["mask"])) for it in items],
+            "input_ids": ids,
+            "text_labels": lab,
+            "text_lengths": torch.tensor([len(e.input_ids) for e in enc]),
+            "sentences": [it["sentence"] for it in items],
+            "image_ids": torch.tensor([int(it["image_id"]) for it in items]),
+            "ref_ids": torch.tensor([int(it["ref_id"]) for it in items]),
+            "sent_ids": torch.tensor([int(it["sent_id"]) for it in items]),
+        }
+        if "labels" in items[0]:
+            batch["labels"] = torch.from_numpy(np.stack([it["labels"] for it in items]))
+            batch["superpixels"] = [torch.from_numpy(it["superpixels"]) for it in items]
+        return batch
+
+
+def _limit(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+    if limit is None or limit >= len(dataset):
+        return dataset
+    rng = np.random.default_rng(seed)
+    return Subset(dataset, sorted(rng.choice(len(dataset), size=limit, replace=False).tolist()))
+
+
+class RISDataModule(pl.LightningDataModule):
+    """Train split + one eval loader per eval split (val/testA/testB), in that order."""
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.needs_superpixels = cfg.projector.name == "semantic"
+        self.store = None
+        self.train_set: Dataset | None = None
+        self.eval_sets: dict[str, Dataset] = {}
+
+    def _refer(self, split: str) -> ReferDataset:
+        d = self.cfg.data
+        return ReferDataset(d.root, d.dataset, d.split_by, split)
+
+    def splits(self) -> list[str]:
+        return [self.cfg.data.train_split, *self.cfg.data.eval_splits]
+
+    def prepare_data(self) -> None:
+        """Builds the superpixel cache on rank 0 when the projector needs it and it is missing."""
+        if self.needs_superpixels:
+            self._ensure_store(compute=True)
+
+    def _ensure_store(self, compute: bool):
+        from datamodules.superpixels.precompute import ensure_superpixel_cache
+        from datamodules.superpixels.store import SuperpixelStore, cache_dir_for
+
+        datasets = [self._refer(s) for s in self.splits()]
+        source_cfg = _plain(self.cfg.superpixels)
+        if compute:
+            return ensure_superpixel_cache(
+                datasets,
+                source_cfg,
+                self.cfg.cache.root,
+                shard_size=self.cfg.cache.shard_size,
+            )
+        return SuperpixelStore(
+            cache_dir_for(self.cfg.cache.root, source_cfg, data_key(self.cfg.data))
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        d = self.cfg.data
+        if self.needs_superpixels and self.store is None:
+            self.store = self._ensure_store(compute=False)
+        if stage in (None, "fit") and self.train_set is None:
+            train = RISDataset(self._refer(d.train_split), self.store, d.label_size)
+            self.train_set = _limit(train, d.limit_train_sentences, self.cfg.seed)
+        for split in d.eval_splits:
+            if split not in self.eval_sets:
+                ds = RISDataset(self._refer(split), self.store, d.label_size)
+                self.eval_sets[split] = _limit(ds, d.limit_eval_sentences, self.cfg.seed)
+
+    def _collate(self) -> RISCollate:
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        return RISCollate(PromptEncoder(tok, self.cfg.data.prompt, self.cfg.data.answer), pad)
+
+    def train_dataloader(self) -> DataLoader:
+        d = self.cfg.data
+        return DataLoader(
+            self.train_set,
+            batch_size=d.batch_size,
+            shuffle=True,
+            num_workers=d.num_workers,
+            collate_fn=self._collate(),
+            persistent_workers=d.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+
+    def _eval_loaders(self) -> list[DataLoader]:
+        d = self.cfg.data
+        return [
+            DataLoader(
+                self.eval_sets[s],
+                batch_size=d.eval_batch_size,
+                shuffle=False,
+                num_workers=d.num_workers,
+                collate_fn=self._collate(),
+            )
+            for s in d.eval_splits
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()
+
+
+def data_key(data_cfg) -> dict:
+    """What identifies the images a cache covers (part of the cache hash)."""
+    return {"root": str(Path(data_cfg.root).resolve()), "dataset": data_cfg.dataset,
+            "split_by": data_cfg.split_by}
+
+
+def _plain(node) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else node

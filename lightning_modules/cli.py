@@ -1,0 +1,299 @@
+"""`svp` — the suite's command line. Heavy imports happen inside each command."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import textwrap
+from collections.abc import Callable
+
+from datamodules.errors import SVPError
+
+OVERRIDES_HELP = textwrap.dedent(
+    """\
+    Config overrides are `key=value` words after the options:
+      group selections  preset=tiny|llava7b  projector=mlp|pool|resampler|c_abstractor|ldpv2|
+                        tokenpacker|semantic  superpixels=sam|slic|felzenszwalb|grid|oracle
+                        data=...  model=...  trainer=cpu|gpu|ddp
+      dotted values     projector.k=4  optim.lr=3e-4  trainer.max_epochs=2  seed=1
+    Unknown keys and wrong types are errors that name the key. `--show-config` prints the resolved
+    config and exits. Group files live under configs/<group>/<choice>.yaml.
+    """
+)
+
+
+# `svp sweep sweep=<space>` and `svp report study=<name>` read naturally; they set these keys.
+_ALIASES = {"sweep": "sweep.space", "study": "sweep.name"}
+
+
+def _config_command(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument(
+        "--show-config", action="store_true", help="print the resolved config and exit"
+    )
+
+
+def _load(args: argparse.Namespace):
+    from omegaconf import OmegaConf
+
+    from lightning_modules.config import load_config, load_saved_config
+
+    overrides = [_ALIASES.get(o.split("=", 1)[0], o.split("=", 1)[0]) + o[o.find("=") :]
+                 if "=" in o else o for o in args.overrides]
+    if getattr(args, "config", None):
+        cfg = load_saved_config(args.config, overrides)
+    else:
+        cfg = load_config(overrides)
+    if args.show_config:
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        raise SystemExit(0)
+    return cfg
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, schema: type) -> None:
+    """One `--field-name` option per field of a flat dataclass, documented with its default."""
+    for f in dataclasses.fields(schema):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, type) else type(default)
+        doc = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=f"{doc} (default: {default})".strip(),
+            )
+        else:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                type=kind if kind in (int, float, str) else str,
+                default=default,
+                help=f"{doc} (default: {default})".strip(),
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from datamodules.synthetic import SynthConfig, generate_synthref, synthref_exists
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)}
+    cfg = SynthConfig(**values)
+    if args.skip_existing and synthref_exists(cfg.root) and not args.overwrite:
+        print(f"SynthRef already exists under {cfg.root}/synthref; skipping (use --overwrite).")
+        return 0
+    out = generate_synthref(cfg, progress=not args.quiet, overwrite=args.overwrite)
+    print(f"SynthRef written to {out}")
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from datamodules.refer import stats_table
+
+    print(stats_table(args.root, args.dataset, args.split_by, args.splits or None))
+    return 0
+
+
+def cmd_train_sam(args: argparse.Namespace) -> int:
+    from lightning_modules.pipeline import run_train_sam
+
+    run_train_sam(_load(args), force=args.force)
+    return 0
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from lightning_modules.pipeline import run_precompute
+
+    run_precompute(_load(args), splits=args.splits)
+    return 0
+
+
+def cmd_superpixels_quality(args: argparse.Namespace) -> int:
+    from lightning_modules.pipeline import run_superpixel_quality
+
+    run_superpixel_quality(_load(args), sources=args.sources, split=args.split, limit=args.limit)
+    return 0
+
+
+def cmd_superpixels_show(args: argparse.Namespace) -> int:
+    from lightning_modules.pipeline import run_superpixel_show
+
+    run_superpixel_show(_load(args), split=args.split, count=args.count, out=args.out)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lightning_modules.train import train
+
+    train(_load(args))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lightning_modules.train import evaluate
+
+    evaluate(_load(args), ckpt=args.ckpt)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lightning_modules.pipeline import run_sweep_command
+
+    run_sweep_command(_load(args))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lightning_modules.pipeline import run_report
+
+    run_report(_load(args))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lightning_modules.pipeline import run_bench
+
+    run_bench(_load(args))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lightning_modules.pipeline import run_demo
+
+    run_demo(_load(args))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="svp",
+        description="SVP suite: compare token-compressing visual projectors for MLLM-based "
+        "referring image segmentation.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `svp <command> --help` for a command's options.\n\n" + OVERRIDES_HELP,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+
+    def add(name: str, help_: str, func: Callable, config: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=OVERRIDES_HELP if config else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(func=func)
+        if config:
+            _config_command(p)
+        return p
+
+    from datamodules.synthetic import SynthConfig
+
+    p = add("synth", "Generate the offline SynthRef data set (REFER layout).", cmd_synth, False)
+    _add_dataclass_options(p, SynthConfig)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing SynthRef")
+    p.add_argument(
+        "--skip-existing", action="store_true", help="do nothing if SynthRef already exists"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    data = sub.add_parser("data", help="Data set utilities.", description="Data set utilities.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="<data command>", required=True)
+    p = data_sub.add_parser(
+        "stats",
+        help="Print per-split statistics of a REFER-layout data set.",
+        description="Print images, refs, sentences, mean objects per image and mean mask area "
+        "fraction for each split of a REFER-layout data set (RefCOCO/+/g or SynthRef).",
+    )
+    p.set_defaults(func=cmd_data_stats)
+    p.add_argument("--root", default="data", help="data root holding <dataset>/ (default: data)")
+    p.add_argument("--dataset", default="synthref", help="refcoco|refcoco+|refcocog|synthref")
+    p.add_argument("--split-by", default="unc", help="unc|google|umd (default: unc)")
+    p.add_argument("--splits", nargs="*", help="splits to show (default: all in the refs file)")
+
+    p = add(
+        "train-sam",
+        "Train the small SAM (segment-anything architecture) on SynthRef instance masks.",
+        cmd_train_sam,
+    )
+    p.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
+
+    p = add(
+        "precompute",
+        "Precompute superpixels for the configured source into the sharded cache "
+        "(Lightning predict loop; each rank writes its own shards).",
+        cmd_precompute,
+    )
+    p.add_argument("--splits", nargs="*", help="splits to cover (default: train + eval splits)")
+
+    sp = sub.add_parser(
+        "superpixels",
+        help="Superpixel quality figures and overlays.",
+        description="Superpixel quality figures and overlays.",
+    )
+    sp_sub = sp.add_subparsers(dest="sp_command", metavar="<superpixels command>", required=True)
+    for name, help_, func in (
+        ("quality", "Mean K, ASA and boundary recall per source.", cmd_superpixels_quality),
+        ("show", "Write PNG overlays of superpixels for a few images.", cmd_superpixels_show),
+    ):
+        p = sp_sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=OVERRIDES_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(func=func)
+        _config_command(p)
+        p.add_argument("--split", default="val", help="split to use (default: val)")
+        if name == "quality":
+            p.add_argument(
+                "--sources",
+                nargs="*",
+                default=["sam", "slic", "felzenszwalb", "grid", "oracle"],
+                help="sources to compare (default: all five)",
+            )
+            p.add_argument("--limit", type=int, default=None, help="at most this many images")
+        else:
+            p.add_argument("--count", type=int, default=6, help="number of images (default: 6)")
+            p.add_argument(
+                "--out", default=None, help="output folder (default: runs/superpixels/<source>)"
+            )
+
+    p = add("train", "Train the RIS model (resume with ckpt_path=last).", cmd_train)
+    p.add_argument("--config", help="start from a saved run config.yaml")
+    p = add("eval", "Evaluate a trained RIS checkpoint on the eval splits.", cmd_eval)
+    p.add_argument("--config", help="the run's saved config.yaml")
+    p.add_argument("--ckpt", required=False, help="checkpoint path (default: the run's last.ckpt)")
+    add("sweep", "Run an Optuna sweep (sweep.space=<name>).", cmd_sweep)
+    add("report", "Write the Pareto report of a study (sweep.name=<study>).", cmd_report)
+    add("bench", "Measure tokens, step time and latency per projector.", cmd_bench)
+    add("demo", "The offline end-to-end demo (what `make demo` runs).", cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SVPError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""`RISModel`: vision tower → projector → LLM ([SEG]) → SAM mask decoder, as a LightningModule."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lightning_modules.mask_decoding import SegPromptHead, decode_masks, dice_loss
+from lightning_modules.metrics import CIoU, GIoU, token_stats
+
+# Frozen-feature memory shared by every model in the process (sweeps run many trials in one
+# process): (tower hash, image id) -> features on CPU.
+_FEATURE_MEMORY: dict[tuple[str, int], torch.Tensor] = {}
+
+
+class FrozenEncoder(nn.Module):
+    """Runs a frozen image encoder once per image id and remembers the result."""
+
+    def __init__(self, encoder: nn.Module, key: str, preprocess, memory: bool = True):
+        super().__init__()
+        self.encoder = encoder
+        self.key = key
+        self.preprocess = preprocess
+        self.memory = memory
+
+    @torch.no_grad()
+    def forward(self, images: list[torch.Tensor], image_ids: torch.Tensor) -> torch.Tensor:
+        ids = [int(i) for i in image_ids]
+        missing = [j for j, i in enumerate(ids) if (self.key, i) not in _FEATURE_MEMORY]
+        fresh: dict[int, torch.Tensor] = {}
+        if missing:
+            pixels = self.preprocess([images[j] for j in missing])
+            out = self.encoder(pixels)
+            for j, feat in zip(missing, out):
+                fresh[j] = feat
+                if self.memory:
+                    _FEATURE_MEMORY[(self.key, ids[j])] = feat.detach().to("cpu")
+        device = next(iter(fresh.values())).device if fresh else self._device()
+        return torch.stack(
+            [fresh[j] if j in fresh else _FEATURE_MEMORY[(self.key, i)].to(device)
+             for j, i in enumerate(ids)]
+        )
+
+    def _device(self) -> torch.device:
+        for p in self.encoder.parameters():
+            return p.device
+        for b in self.encoder.buffers():
+            return b.device
+        return torch.device("cpu")
+
+
+class RISModel(pl.LightningModule):
+    """LISA-style referring segmentation with a swappable visual projector."""
+
+    def __init__(self, cfg: DictConfig | dict, tokenizer=None):
+        super().__init__()
+        cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+        self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
+        self.cfg = cfg
+        from lightning_modules.llm import build_llm, image_token_id, seg_token_id
+        from lightning_modules.projectors import build_projector
+        from lightning_modules.sam_builder import load_sam
+        from lightning_modules.vision_tower import build_vision_tower
+
+        if tokenizer is None:
+            from lightning_modules.tokenizer_setup import tokenizer_for
+
+            tokenizer = tokenizer_for(cfg)
+        self.tokenizer = tokenizer
+        self.seg_id = seg_token_id(tokenizer)
+        self.image_id = image_token_id(tokenizer)
+
+        self.sam = load_sam(cfg.mask_decoder.checkpoint, cfg.mask_decoder.model_type)
+        for p in self.sam.image_encoder.parameters():
+            p.requires_grad_(False)
+        for p in self.sam.prompt_encoder.parameters():
+            p.requires_grad_(False)
+        for p in self.sam.mask_decoder.parameters():
+            p.requires_grad_(bool(cfg.mask_decoder.train_decoder))
+
+        self.tower = build_vision_tower(cfg.vision)
+        self.llm = build_llm(cfg.llm, tokenizer)
+        hidden = self.llm.get_input_embeddings().embedding_dim
+        self.projector = build_projector(cfg.projector, self.tower.out_channels, hidden)
+        prompt_dim = self.sam.prompt_encoder.embed_dim
+        self.seg_head = SegPromptHead(hidden, cfg.mask_decoder.seg_mlp_hidden, prompt_dim)
+
+        self.tower_features = FrozenEncoder(
+            self.tower, f"tower-{self.tower.config_hash()}", self.tower.preprocess,
+            memory=bool(cfg.vision.frozen),
+        )
+        self.sam_features = FrozenEncoder(
+            self.sam.image_encoder, f"sam-{_file_key(cfg.mask_decoder.checkpoint)}",
+            self._sam_preprocess,
+        )
+        eval_splits = list(cfg.data.eval_splits)
+        self.eval_splits = eval_splits
+        self.ciou = nn.ModuleList([CIoU() for _ in eval_splits])
+        self.giou = nn.ModuleList([GIoU() for _ in eval_splits])
+        self._tokens: dict[int, list[int]] = {i: [] for i in range(len(eval_splits))}
+        self._seq_len: dict[int, list[int]] = {i: [] for i in range(len(eval_splits))}
+        self._fit_start = 0.0
+        self.image_samples: list[dict] = []
+
+    # ------------------------------------------------------------------ encoders
+    def _sam_preprocess(self, images: list[torch.Tensor]) -> torch.Tensor:
+        size = self.sam.image_encoder.img_size
+        out = []
+        for img in images:
+            x = img.to(self.device).permute(2, 0, 1).float()
+            h, w = x.shape[-2:]
+            scale = size / max(h, w)
+            nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+            if (nh, nw) != (h, w):
+                x = F.interpolate(x[None], (nh, nw), mode="bilinear", align_corners=False,
+                                  antialias=True)[0]
+            out.append(self.sam.preprocess(x))
+        return torch.stack(out)
+
+    def _resized_size(self, h: int, w: int) -> tuple[int, int]:
+        size = self.sam.image_encoder.img_size
+        scale = size / max(h, w)
+        return int(h * scale + 0.5), int(w * scale + 0.5)
+
+    # ------------------------------------------------------------------ sequence building
+    def build_inputs(self, tokens: torch.Tensor, token_mask: torch.Tensor, batch: dict):
+        """Splice each sample's own visual tokens in place of `<image>`; pad on the right."""
+        embed = self.llm.get_input_embeddings()
+        ids, labels, lengths = batch["input_ids"], batch["text_labels"], batch["text_lengths"]
+        seqs, labs, seg_pos = [], [], []
+        for b in range(ids.shape[0]):
+            n_text = int(lengths[b])
+            row = ids[b, :n_text]
+            where = (row == self.image_id).nonzero()
+            if len(where) != 1:
+                raise ValueError(f"sample {b}: expected exactly one <image> token, found {len(where)}")
+            k = int(where[0])
+            vis = tokens[b][token_mask[b]]
+            text = embed(row)
+            seqs.append(torch.cat([text[:k], vis.to(text.dtype), text[k + 1 :]]))
+            fill = torch.full((vis.shape[0],), -100, dtype=labels.dtype, device=labels.device)
+            lab = torch.cat([labels[b, :k], fill, labels[b, k + 1 : n_text]])
+            labs.append(lab)
+            seg = (torch.cat([row[:k], fill, row[k + 1 :]]) == self.seg_id).nonzero()
+            if len(seg) == 0:
+                raise ValueError(f"sample {b}: the answer has no [SEG] token")
+            seg_pos.append(int(seg[0]))
+        length = max(s.shape[0] for s in seqs)
+        dim = seqs[0].shape[-1]
+        emb = seqs[0].new_zeros((len(seqs), length, dim))
+        attn = torch.zeros((len(seqs), length), dtype=torch.long, device=emb.device)
+        lab_out = torch.full((len(seqs), length), -100, dtype=labels.dtype, device=labels.device)
+        for b, (s, lb) in enumerate(zip(seqs, labs)):
+            emb[b, : s.shape[0]] = s
+            attn[b, : s.shape[0]] = 1
+            lab_out[b, : lb.shape[0]] = lb
+        return emb, attn, lab_out, torch.tensor(seg_pos, device=emb.device)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict) -> dict[str, Any]:
+        images, image_ids = batch["images"], batch["image_ids"]
+        feats = self.tower_features(images, image_ids)
+        if self.tower.training and not self.cfg.vision.frozen:
+            feats = self.tower(self.tower.preprocess(images))
+        proj = self.projector(feats, batch.get("labels"))
+        emb, attn, text_labels, seg_pos = self.build_inputs(proj.tokens, proj.mask, batch)
+        out = self.llm(inputs_embeds=emb, attention_mask=attn, output_hidden_states=True)
+        logits = out.logits[:, :-1].float()
+        target = text_labels[:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                             ignore_index=-100)
+        hidden = out.hidden_states[-1]
+        # The hidden state that predicts [SEG] sits one position before it.
+        seg_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), seg_pos - 1]
+        prompt = self.seg_head(seg_hidden.float())
+        sam_emb = self.sam_features(images, image_ids)
+        low_res = decode_masks(self.sam, sam_emb, prompt)
+        masks = []
+        for b, img in enumerate(images):
+            h, w = int(img.shape[0]), int(img.shape[1])
+            masks.append(
+                self.sam.postprocess_masks(low_res[b : b + 1], self._resized_size(h, w), (h, w))[
+                    0, 0
+                ]
+            )
+        return {
+            "mask_logits": masks,
+            "ce": ce,
+            "num_tokens": proj.mask.sum(1),
+            "seq_len": attn.sum(1),
+        }
+
+    def losses(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+        bce, dice = [], []
+        for logit, gt in zip(out["mask_logits"], batch["masks"]):
+            target = gt.to(logit.device).float()
+            bce.append(F.binary_cross_entropy_with_logits(logit, target))
+            dice.append(dice_loss(logit, target))
+        w = self.cfg.loss
+        bce_m, dice_m = torch.stack(bce).mean(), torch.stack(dice).mean()
+        total = w.ce_weight * out["ce"] + w.bce_weight * bce_m + w.dice_weight * dice_m
+        return {"loss": total, "ce": out["ce"], "bce": bce_m, "dice": dice_m}
+
+    # ------------------------------------------------------------------ lightning hooks
+    def on_fit_start(self) -> None:
+        self._fit_start = time.time()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        losses = self.losses(out, batch)
+        bs = len(batch["images"])
+        for k, v in losses.items():
+            self.log(f"train/{k}", v, batch_size=bs, prog_bar=k == "loss")
+        self.log("train/tokens_per_image", out["num_tokens"].float().mean(), batch_size=bs)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, batch_idx, dataloader_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, batch_idx, dataloader_idx, "test")
+
+    def _eval_step(self, batch: dict, batch_idx: int, idx: int, stage: str) -> None:
+        out = self(batch)
+        losses = self.losses(out, batch)
+        split = self.eval_splits[idx]
+        preds = [(m > 0).to(torch.uint8) for m in out["mask_logits"]]
+        targets = [g.to(self.device) for g in batch["masks"]]
+        self.ciou[idx].update(preds, targets)
+        self.giou[idx].update(preds, targets)
+        self._tokens[idx].extend(out["num_tokens"].tolist())
+        self._seq_len[idx].extend(out["seq_len"].tolist())
+        self.log(f"{stage}_loss/{split}", losses["loss"], batch_size=len(preds),
+                 add_dataloader_idx=False, sync_dist=True)
+        if batch_idx == 0 and idx == 0:
+            self.image_samples = _image_samples(batch, preds, self.cfg.trainer.num_image_samples)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        for idx, split in enumerate(self.eval_splits):
+            self.log(f"{stage}/{split}/ciou", self.ciou[idx].compute(), sync_dist=False)
+            self.log(f"{stage}/{split}/giou", self.giou[idx].compute(), sync_dist=False)
+            self.ciou[idx].reset()
+            self.giou[idx].reset()
+            counts = self._gather(self._tokens[idx])
+            lens = self._gather(self._seq_len[idx])
+            if counts:
+                stats = token_stats(counts)
+                for k, v in stats.items():
+                    self.log(f"{stage}/{split}/tokens_{k}", float(v), sync_dist=False)
+                self.log(f"{stage}/{split}/seq_len_mean", float(np.mean(lens)), sync_dist=False)
+            self._tokens[idx], self._seq_len[idx] = [], []
+        if stage == "val" and self.eval_splits:
+            first = self.eval_splits[0]
+            self.log("val/ciou", self.trainer.callback_metrics[f"val/{first}/ciou"])
+            self._log_images()
+
+    def _gather(self, values: list[int]) -> list[int]:
+        if self.trainer is None or self.trainer.world_size == 1:
+            return list(values)
+        gathered: list = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, list(values))
+        return [v for part in gathered for v in part]
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def _log_images(self) -> None:
+        logger = self.logger
+        if not self.image_samples or logger is None or not hasattr(logger, "experiment"):
+            return
+        if self.global_rank != 0 or not hasattr(logger.experiment, "add_image"):
+            return
+        from lightning_modules.visualize import prediction_grid
+
+        grid = prediction_grid(self.image_samples)
+        logger.experiment.add_image("val/predictions", grid, self.global_step, dataformats="HWC")
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        o = self.cfg.optim
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer else 1
+        warm = min(o.warmup_steps, max(1, total // 10))
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            if o.scheduler == "constant":
+                return 1.0
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _file_key(path: str) -> str:
+    import hashlib
+    import os
+
+    try:
+        st = os.stat(path)
+        ident = f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        ident = str(path)
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def _image_samples(batch: dict, preds: list[torch.Tensor], count: int) -> list[dict]:
+    samples = []
+    for b in range(min(count, len(preds))):
+        sample = {
+            "image": batch["images"][b].cpu().numpy(),
+            "gt": batch["masks"][b].cpu().numpy(),
+            "pred": preds[b].cpu().numpy(),
+            "sentence": batch["sentences"][b],
+        }
+        if "superpixels" in batch:
+            sample["superpixels"] = batch["superpixels"][b].cpu().numpy()
+        samples.append(sample)
+    return samples

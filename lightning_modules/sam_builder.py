@@ -1,0 +1,237 @@
+"""Build, save and load segment-anything models: the official ViT-B/L/H or a small custom SAM.
+
+Checkpoints are SAM's own format, a plain ``state_dict()`` loadable by ``segment_anything``'s
+classes. A custom checkpoint ``<name>.pth`` keeps the `SamConfig` that built it in the sidecar
+``<name>.json`` beside it; the official sizes need no sidecar.
+"""
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+
+from datamodules.errors import ConfigError
+
+MODEL_TYPES = ("custom", "vit_b", "vit_l", "vit_h")
+
+
+@dataclass
+class SamConfig:
+    """SAM architecture; the size fields apply to ``model_type="custom"`` only."""
+
+    model_type: str = "custom"
+    checkpoint: Optional[str] = None
+    img_size: int = 128
+    patch_size: int = 8
+    encoder_embed_dim: int = 96
+    encoder_depth: int = 4
+    encoder_num_heads: int = 4
+    encoder_global_attn_indexes: list[int] = field(default_factory=lambda: [1, 3])
+    encoder_mlp_ratio: float = 4.0
+    window_size: int = 8
+    use_rel_pos: bool = True
+    prompt_embed_dim: int = 64
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 256
+    decoder_num_heads: int = 4
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 64
+    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+
+
+def _check(cfg: SamConfig) -> None:
+    if cfg.model_type not in MODEL_TYPES:
+        raise ConfigError(
+            f"sam.model_type={cfg.model_type!r} is unknown; use one of {', '.join(MODEL_TYPES)}"
+        )
+    if cfg.model_type != "custom":
+        return
+    if cfg.img_size % cfg.patch_size:
+        raise ConfigError(
+            f"sam.img_size={cfg.img_size} is not a multiple of sam.patch_size={cfg.patch_size}"
+        )
+    for key, dim, heads in (
+        ("encoder", cfg.encoder_embed_dim, cfg.encoder_num_heads),
+        ("decoder", cfg.prompt_embed_dim // 2, cfg.decoder_num_heads),
+    ):
+        if dim % heads:
+            raise ConfigError(
+                f"sam.{key}_num_heads={heads} must divide {dim} "
+                f"({'encoder_embed_dim' if key == 'encoder' else 'prompt_embed_dim / 2'})"
+            )
+    if cfg.prompt_embed_dim % 8 or cfg.mask_in_chans % 4:
+        raise ConfigError(
+            "sam.prompt_embed_dim must be a multiple of 8 and sam.mask_in_chans of 4 "
+            f"(got {cfg.prompt_embed_dim} and {cfg.mask_in_chans})"
+        )
+    bad = [i for i in cfg.encoder_global_attn_indexes if not 0 <= i < cfg.encoder_depth]
+    if bad:
+        raise ConfigError(
+            f"sam.encoder_global_attn_indexes {bad} are outside 0..{cfg.encoder_depth - 1}"
+        )
+
+
+def build_sam(cfg: SamConfig) -> Sam:
+    """A randomly initialised SAM of the configured architecture (in eval mode, like SAM's own)."""
+    _check(cfg)
+    if cfg.model_type != "custom":
+        return sam_model_registry[cfg.model_type](checkpoint=None)
+    grid = cfg.img_size // cfg.patch_size
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=cfg.encoder_depth,
+            embed_dim=cfg.encoder_embed_dim,
+            img_size=cfg.img_size,
+            mlp_ratio=cfg.encoder_mlp_ratio,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=cfg.encoder_num_heads,
+            patch_size=cfg.patch_size,
+            qkv_bias=True,
+            use_rel_pos=cfg.use_rel_pos,
+            global_attn_indexes=tuple(cfg.encoder_global_attn_indexes),
+            window_size=cfg.window_size,
+            out_chans=cfg.prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=cfg.prompt_embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(cfg.img_size, cfg.img_size),
+            mask_in_chans=cfg.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=cfg.decoder_depth,
+                embedding_dim=cfg.prompt_embed_dim,
+                mlp_dim=cfg.decoder_mlp_dim,
+                num_heads=cfg.decoder_num_heads,
+            ),
+            transformer_dim=cfg.prompt_embed_dim,
+            iou_head_depth=cfg.iou_head_depth,
+            iou_head_hidden_dim=cfg.iou_head_hidden_dim,
+        ),
+        pixel_mean=list(cfg.pixel_mean),
+        pixel_std=list(cfg.pixel_std),
+    )
+    sam.eval()
+    return sam
+
+
+def sidecar_path(checkpoint: str | os.PathLike) -> Path:
+    """The json holding the `SamConfig` of a custom checkpoint: ``<checkpoint stem>.json``."""
+    return Path(checkpoint).with_suffix(".json")
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_sam(model: Sam, cfg: SamConfig, path: str | os.PathLike) -> Path:
+    """Write ``model.state_dict()`` to ``path`` and its config to the sidecar, each atomically."""
+    path = Path(path)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda f: torch.save(state, f))
+    meta = asdict(cfg) | {"checkpoint": None}
+    _atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    return path
+
+
+def _read_sidecar(checkpoint: Path) -> SamConfig:
+    side = sidecar_path(checkpoint)
+    if not side.is_file():
+        raise ConfigError(
+            f"{side} is missing: a custom SAM checkpoint needs the config json written beside it "
+            "by `svp train-sam`; for an official checkpoint pass model_type vit_b, vit_l or vit_h"
+        )
+    try:
+        raw = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{side} is not a readable SAM config json ({e})") from e
+    known = {f.name for f in fields(SamConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{side} has unknown SamConfig keys {unknown}; rerun `svp train-sam`")
+    cfg = SamConfig(**raw)
+    if cfg.model_type != "custom":
+        raise ConfigError(f"{side} has model_type={cfg.model_type!r}; expected 'custom'")
+    return cfg
+
+
+def _fit_state_dict(model: Sam, state: dict, checkpoint: Path, model_type: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or shapes:
+        parts = [
+            f"{name} ({len(keys)}): {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
+            for name, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", shapes),
+            )
+            if keys
+        ]
+        raise ConfigError(
+            f"{checkpoint} does not fit a SAM of model_type={model_type!r}: {'; '.join(parts)}. "
+            "Check the model type, or retrain it with `svp train-sam`"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_sam(checkpoint: str | os.PathLike, model_type: str = "custom") -> Sam:
+    """Load a SAM-format checkpoint; ``custom`` rebuilds the architecture from its sidecar json."""
+    path = Path(checkpoint)
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(
+            f"SAM model_type={model_type!r} is unknown; use one of {', '.join(MODEL_TYPES)}"
+        )
+    if not path.is_file():
+        raise ConfigError(
+            f"SAM checkpoint {path} does not exist; train a small one with `svp train-sam` "
+            "or point the checkpoint key at a downloaded sam_vit_*.pth"
+        )
+    cfg = _read_sidecar(path) if model_type == "custom" else SamConfig(model_type=model_type)
+    model = build_sam(cfg)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{path} is not a readable torch state dict ({e})") from e
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path} holds a {type(state).__name__}, not a SAM state dict")
+    _fit_state_dict(model, state, path, model_type)
+    return model
+
+
+def sam_from_config(cfg: SamConfig) -> Sam:
+    """``load_sam(cfg.checkpoint, cfg.model_type)`` when a checkpoint is set, else `build_sam`."""
+    if cfg.checkpoint:
+        return load_sam(cfg.checkpoint, cfg.model_type)
+    return build_sam(cfg)

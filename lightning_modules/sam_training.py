@@ -1,0 +1,390 @@
+"""`svp train-sam`: train segment-anything's architecture at small size on REFER instance masks.
+
+SAM's promptable objective: random foreground points of an instance → three candidate masks, the
+best of them trained with focal (×20) + dice (×1) loss, the IoU head regressed on the actual IoU of
+every candidate (MSE). The single-mask output (token 0, used with ``multimask_output=False``, e.g.
+by the LISA-style mask decoder) is trained on the same target. The whole model is trained, so the
+image embeddings cannot be cached: keep the encoder small.
+"""
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from datamodules.errors import ConfigError
+from datamodules.refer import ReferDataset
+from lightning_modules.sam_builder import SamConfig, sam_from_config, save_sam
+
+
+@dataclass
+class TrainSamConfig:
+    """What `train_sam` trains on, for how long, and where the checkpoint goes."""
+
+    root: str = "data"
+    dataset: str = "synthref"
+    split_by: str = "unc"
+    train_split: str = "train"
+    val_split: str = "val"
+    sam: SamConfig = field(default_factory=SamConfig)
+    max_steps: int = 1500
+    max_minutes: Optional[float] = None
+    batch_size: int = 16
+    instances_per_image: int = 4
+    points_per_instance: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    flip: bool = True
+    num_workers: int = 0
+    seed: int = 0
+    accelerator: str = "cpu"
+    devices: int = 1
+    precision: str = "32-true"
+    out: str = "runs/sam/sam_small.pth"
+    val_limit: Optional[int] = 500
+
+
+def _check(cfg: TrainSamConfig) -> None:
+    positive = (
+        "max_steps",
+        "batch_size",
+        "instances_per_image",
+        "points_per_instance",
+        "lr",
+        "devices",
+    )
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
+    for key in ("weight_decay", "warmup_steps", "num_workers"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
+    for key in ("max_minutes", "val_limit"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be positive or null (no limit)")
+    if not str(cfg.out).endswith(".pth"):
+        raise ConfigError(f"out={cfg.out!r} must be a .pth path (its .json sidecar goes beside it)")
+
+
+class SamInstanceDataset(Dataset):
+    """Images of a split, each with up to ``instances`` random instances and their point prompts.
+
+    Items: ``image`` 3×h×w uint8 (resized so the long side is ``img_size``, unpadded), ``masks``
+    K×h×w float, ``points`` K×P×2 (x, y) and ``labels`` K×P (all 1: foreground).
+    """
+
+    def __init__(
+        self,
+        refer: ReferDataset,
+        img_size: int,
+        instances: int,
+        points: int,
+        flip: bool,
+    ) -> None:
+        self.refer, self.instances, self.points, self.flip = refer, instances, points, flip
+        self.image_ids = list(refer.image_ids)
+        self.transform = ResizeLongestSide(img_size)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image_id = self.image_ids[index]
+        image = self.transform.apply_image(self.refer.load_image(image_id))
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        masks = torch.from_numpy(self.refer.instance_masks(image_id))
+        masks = masks[masks.flatten(1).any(1)]
+        if masks.shape[0] and masks.shape[-2:] != image.shape[-2:]:
+            masks = F.interpolate(masks[None].float(), image.shape[-2:], mode="nearest")[0]
+        masks = masks.float()
+        if self.flip:
+            dims = [d for d, p in zip((-1, -2), torch.rand(2)) if p < 0.5]
+            if dims:
+                image, masks = image.flip(dims), masks.flip(dims)
+        masks = masks[torch.randperm(masks.shape[0])[: self.instances]]
+        n_points = int(torch.randint(1, self.points + 1, ()))
+        points = torch.zeros(masks.shape[0], n_points, 2)
+        for k, mask in enumerate(masks):
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            pick = torch.randint(len(xs), (n_points,))
+            points[k, :, 0], points[k, :, 1] = xs[pick].float(), ys[pick].float()
+        labels = torch.ones(masks.shape[0], n_points, dtype=torch.int)
+        return {"image": image, "masks": masks, "points": points, "labels": labels}
+
+
+def collate_instances(items: list[dict]) -> dict[str, list[torch.Tensor]]:
+    """Keep per-image lists: images may differ in size and in instance count."""
+    return {key: [item[key] for item in items] for key in items[0]}
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha=0.25, gamma=2.0) -> torch.Tensor:
+    """Sigmoid focal loss per mask, averaged over the last two (pixel) dimensions."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.flatten(-2).mean(-1)
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft dice loss per mask over the last two (pixel) dimensions."""
+    prob = logits.sigmoid().flatten(-2)
+    targets = targets.flatten(-2)
+    inter = (prob * targets).sum(-1)
+    return 1 - (2 * inter + eps) / (prob.sum(-1) + targets.sum(-1) + eps)
+
+
+def mask_iou(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """IoU of binary masks over the last two dimensions; an empty union counts 1.0."""
+    preds, targets = preds.flatten(-2).bool(), targets.flatten(-2).bool()
+    inter = (preds & targets).sum(-1).float()
+    union = (preds | targets).sum(-1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def farthest_point(mask: np.ndarray) -> tuple[int, int]:
+    """(x, y) of the mask pixel farthest from its boundary (the image border counts as one)."""
+    dist = ndimage.distance_transform_edt(np.pad(mask.astype(bool), 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return int(x), int(y)
+
+
+class SamTrainingModule(pl.LightningModule):
+    """SAM (image encoder, prompt encoder, mask decoder) under SAM's promptable loss."""
+
+    def __init__(self, cfg: TrainSamConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.sam = sam_from_config(cfg.sam)
+        self.sam.train()
+
+    def _padded(self, masks: torch.Tensor) -> torch.Tensor:
+        size = self.sam.image_encoder.img_size
+        return F.pad(masks, (0, size - masks.shape[-1], 0, size - masks.shape[-2]))
+
+    def predict_all(
+        self, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All four mask logits (K×4×S×S at the padded input size) and IoU predictions (K×4)."""
+        sparse, dense = self.sam.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+        low_res, iou_pred = self.sam.mask_decoder.predict_masks(
+            image_embeddings=embedding[None],
+            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+        )
+        size = self.sam.image_encoder.img_size
+        logits = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
+        return logits, iou_pred
+
+    def losses(self, batch: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        images = torch.stack([self.sam.preprocess(im.float()) for im in batch["image"]])
+        embeddings = self.sam.image_encoder(images)
+        logits, iou_preds, targets = [], [], []
+        for emb, masks, points, labels in zip(
+            embeddings, batch["masks"], batch["points"], batch["labels"]
+        ):
+            if masks.shape[0] == 0:
+                continue
+            out, iou = self.predict_all(emb, points, labels)
+            logits.append(out)
+            iou_preds.append(iou)
+            targets.append(self._padded(masks))
+        if not logits:
+            zero = embeddings.sum() * 0
+            return {"loss": zero, "mask": zero, "iou": zero, "train_iou": zero}
+        logits, iou_pred = torch.cat(logits), torch.cat(iou_preds)
+        targets = torch.cat(targets)[:, None].expand_as(logits)
+        per_mask = self.cfg.focal_weight * focal_loss(logits, targets)
+        per_mask = per_mask + self.cfg.dice_weight * dice_loss(logits, targets)
+        mask_loss = per_mask[:, 1:].min(1).values.mean() + per_mask[:, 0].mean()
+        with torch.no_grad():
+            actual = mask_iou(logits > self.sam.mask_threshold, targets)
+        iou_loss = F.mse_loss(iou_pred, actual)
+        return {
+            "loss": mask_loss + self.cfg.iou_weight * iou_loss,
+            "mask": mask_loss,
+            "iou": iou_loss,
+            "train_iou": actual[:, 1:].max(1).values.mean(),
+        }
+
+    def training_step(self, batch: dict[str, list[torch.Tensor]], batch_idx: int) -> torch.Tensor:
+        out = self.losses(batch)
+        n = len(batch["image"])
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
+        self.log("train/mask_loss", out["mask"], batch_size=n)
+        self.log("train/iou_loss", out["iou"], batch_size=n)
+        self.log("train/best_iou", out["train_iou"], prog_bar=True, batch_size=n)
+        return out["loss"]
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        decay = [p for p in self.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+        )
+
+        def schedule(step: int) -> float:
+            if step < cfg.warmup_steps:
+                return (step + 1) / cfg.warmup_steps
+            progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@torch.no_grad()
+def predict_single_point(
+    sam: Sam, image: np.ndarray, points: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks (N×3×H×W bool, image size) and IoU predictions (N×3) for N single-point prompts.
+
+    Same transforms as `segment_anything.SamPredictor` (resize the long side, normalise, pad).
+    """
+    transform = ResizeLongestSide(sam.image_encoder.img_size)
+    size = image.shape[:2]
+    x = torch.as_tensor(transform.apply_image(image), device=sam.device).permute(2, 0, 1)
+    input_size = tuple(x.shape[-2:])
+    embedding = sam.image_encoder(sam.preprocess(x.float())[None])
+    coords = torch.as_tensor(transform.apply_coords(points, size), device=sam.device).float()
+    labels = torch.ones(len(points), 1, dtype=torch.int, device=sam.device)
+    sparse, dense = sam.prompt_encoder(points=(coords[:, None], labels), boxes=None, masks=None)
+    low_res, iou_pred = sam.mask_decoder(
+        image_embeddings=embedding,
+        image_pe=sam.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=True,
+    )
+    masks = sam.postprocess_masks(low_res, input_size, size) > sam.mask_threshold
+    return masks, iou_pred
+
+
+def evaluate_single_point(
+    sam: Sam, refer: ReferDataset, limit: Optional[int] = None, progress: bool = False
+) -> dict[str, float]:
+    """Single-point mIoU over every non-empty instance of the first ``limit`` images.
+
+    The point is the instance pixel farthest from its boundary; of the three multimask outputs
+    the one with the highest predicted IoU counts (``miou``); ``miou_oracle`` takes the best.
+    """
+    was_training = sam.training
+    sam.eval()
+    ious, oracle = [], []
+    image_ids = list(refer.image_ids)[:limit]
+    for image_id in tqdm(image_ids, desc="eval", disable=not progress, leave=False):
+        gt = refer.instance_masks(image_id)
+        gt = gt[gt.reshape(len(gt), -1).any(1)]
+        if not len(gt):
+            continue
+        points = np.array([farthest_point(m) for m in gt], dtype=float)
+        masks, iou_pred = predict_single_point(sam, refer.load_image(image_id), points)
+        target = torch.as_tensor(gt, device=masks.device)[:, None]
+        iou = mask_iou(masks, target.expand_as(masks))
+        ious.append(iou.gather(1, iou_pred.argmax(1, keepdim=True))[:, 0].cpu())
+        oracle.append(iou.max(1).values.cpu())
+    sam.train(was_training)
+    if not ious:
+        raise ConfigError(
+            f"{refer.dataset} split {refer.split!r} under {refer.root} has no non-empty "
+            "instance masks to evaluate on; pick another val_split"
+        )
+    ious, oracle = torch.cat(ious), torch.cat(oracle)
+    return {
+        "miou": float(ious.mean()),
+        "miou_oracle": float(oracle.mean()),
+        "instances": int(len(ious)),
+        "images": len(image_ids),
+    }
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def train_sam(cfg: TrainSamConfig, progress: bool = True) -> dict[str, Any]:
+    """Train, save ``cfg.out`` (+ sidecar json, + ``metrics.json``) and evaluate single-point mIoU.
+
+    Returns ``{"miou", "miou_oracle", "minutes", "train_minutes", "steps", "checkpoint"}``
+    (on rank 0; other ranks of a multi-device run return ``{}``).
+    """
+    _check(cfg)
+    start = time.perf_counter()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    train = ReferDataset(cfg.root, cfg.dataset, cfg.split_by, cfg.train_split)
+    val = ReferDataset(cfg.root, cfg.dataset, cfg.split_by, cfg.val_split)
+    module = SamTrainingModule(cfg)
+    data = SamInstanceDataset(
+        train,
+        module.sam.image_encoder.img_size,
+        cfg.instances_per_image,
+        cfg.points_per_instance,
+        cfg.flip,
+    )
+    loader = DataLoader(
+        data,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_instances,
+        persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    out = Path(cfg.out)
+    trainer = pl.Trainer(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        precision=cfg.precision,
+        max_steps=cfg.max_steps,
+        max_epochs=-1,
+        max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes else None,
+        logger=pl.loggers.TensorBoardLogger(out.parent, name="tb", default_hp_metric=False),
+        log_every_n_steps=10,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, loader)
+    train_minutes = (time.perf_counter() - start) / 60
+    if not trainer.is_global_zero:
+        return {}
+    sam = module.sam.eval()
+    save_sam(sam, replace(cfg.sam, checkpoint=None), out)
+    metrics = evaluate_single_point(sam, val, cfg.val_limit, progress)
+    result = {
+        **metrics,
+        "minutes": (time.perf_counter() - start) / 60,
+        "train_minutes": train_minutes,
+        "steps": int(trainer.global_step),
+        "checkpoint": str(out),
+    }
+    _atomic_json(out.parent / "metrics.json", {**result, "config": asdict(cfg)})
+    return result

@@ -1,0 +1,221 @@
+"""`svp train` / `svp eval`: one RIS run with checkpoints, TensorBoard and a saved config."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.errors import ConfigError, DataError
+from lightning_modules.config_compose import save_config
+
+HPARAM_KEYS = (
+    "projector",
+    "superpixels.name",
+    "vision.name",
+    "llm.hidden_size",
+    "llm.num_hidden_layers",
+    "optim.lr",
+    "data.batch_size",
+    "trainer.max_epochs",
+    "seed",
+)
+
+
+def run_dir_for(cfg: DictConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    return Path(cfg.runs_root) / cfg.name / f"{cfg.projector.name}-seed{cfg.seed}"
+
+
+def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The config keys a sweep varies, flattened to scalars for TensorBoard's hparams tab."""
+    out: dict[str, Any] = {}
+    for key in HPARAM_KEYS:
+        node = OmegaConf.select(cfg, key)
+        if isinstance(node, DictConfig):
+            for k, v in OmegaConf.to_container(node, resolve=True).items():
+                out[f"{key}.{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
+        elif node is not None:
+            out[key] = node
+    return out
+
+
+def _check_inputs(cfg: DictConfig) -> None:
+    ckpt = Path(cfg.mask_decoder.checkpoint)
+    if not ckpt.is_file():
+        raise ConfigError(
+            f"mask_decoder.checkpoint={ckpt} does not exist. Train the small SAM first with "
+            "`svp train-sam` (or point mask_decoder.checkpoint at a SAM checkpoint)."
+        )
+    if not (Path(cfg.data.root) / cfg.data.dataset).is_dir():
+        hint = " Generate it with `svp synth`." if cfg.data.dataset == "synthref" else ""
+        raise DataError(f"data set folder {Path(cfg.data.root) / cfg.data.dataset} is missing.{hint}")
+
+
+def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list, logger) -> pl.Trainer:
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    t = cfg.trainer
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor="val/ciou",
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+    )
+    cbs = [ckpt, *callbacks]
+    if logger is not None:
+        cbs.append(LearningRateMonitor(logging_interval="step"))
+    kwargs: dict[str, Any] = {
+        "accelerator": t.accelerator,
+        "devices": t.devices,
+        "num_nodes": t.num_nodes,
+        "strategy": t.strategy,
+        "precision": t.precision,
+        "max_epochs": t.max_epochs,
+        "max_steps": t.max_steps,
+        "check_val_every_n_epoch": t.val_every_n_epochs,
+        "log_every_n_steps": t.log_every_n_steps,
+        "fast_dev_run": t.fast_dev_run,
+        "enable_progress_bar": t.enable_progress_bar,
+        "deterministic": t.deterministic,
+        "gradient_clip_val": cfg.optim.grad_clip or None,
+        "callbacks": cbs,
+        "logger": logger if logger is not None else False,
+        "default_root_dir": str(run_dir),
+        "num_sanity_val_steps": 0,
+        "enable_model_summary": False,
+    }
+    if t.limit_train_batches is not None:
+        kwargs["limit_train_batches"] = t.limit_train_batches
+    if t.limit_val_batches is not None:
+        kwargs["limit_val_batches"] = t.limit_val_batches
+    if t.max_minutes:
+        kwargs["max_time"] = {"minutes": float(t.max_minutes)}
+    return pl.Trainer(**kwargs)
+
+
+def _metrics_from(results: list[dict], splits: list[str], prefix: str) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for r in results:
+        merged.update({k: float(v) for k, v in r.items()})
+    out: dict[str, float] = {}
+    for split in splits:
+        for m in ("ciou", "giou", "tokens_mean", "tokens_p50", "tokens_p95", "seq_len_mean"):
+            key = f"{prefix}/{split}/{m}"
+            if key in merged:
+                out[f"{split}_{m}"] = merged[key]
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True) -> dict[str, Any]:
+    """Fit, then test the best checkpoint on every eval split; returns the final metrics."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from datamodules.ris import RISDataModule
+    from lightning_modules.ris_model import RISModel
+    from lightning_modules.tokenizer_setup import tokenizer_for
+
+    _check_inputs(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    tokenizer = tokenizer_for(cfg, run_dir / "tokenizer")
+    dm = RISDataModule(cfg, tokenizer)
+    model = RISModel(cfg, tokenizer)
+    version = f"{cfg.projector.name}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    logger = TensorBoardLogger(
+        save_dir=str(run_dir), name="tb", version=version, default_hp_metric=False
+    )
+    trainer = _trainer(cfg, run_dir, callbacks or [], logger)
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        ckpt_path = str(last) if last.is_file() else None
+        if ckpt_path is None:
+            print(f"no {last} to resume from; starting fresh")
+    start = time.time()
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    train_minutes = (time.time() - start) / 60
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    test_ckpt = best if best and Path(best).is_file() and not cfg.trainer.fast_dev_run else None
+    results = trainer.test(model, datamodule=dm, ckpt_path=test_ckpt, verbose=False)
+    metrics = _metrics_from(results, list(cfg.data.eval_splits), "test")
+    metrics.update(
+        {
+            "train_minutes": train_minutes,
+            "projector": cfg.projector.name,
+            "token_budget": model.projector.token_budget,
+            "run_dir": str(run_dir),
+            "checkpoint": test_ckpt or "",
+            "tensorboard": logger.log_dir,
+        }
+    )
+    first = cfg.data.eval_splits[0] if cfg.data.eval_splits else None
+    if first and f"{first}_tokens_mean" in metrics:
+        metrics["tokens_mean"] = metrics[f"{first}_tokens_mean"]
+        metrics["tokens_p95"] = metrics[f"{first}_tokens_p95"]
+    numeric = {f"final/{k}": v for k, v in metrics.items() if isinstance(v, float)}
+    if trainer.is_global_zero:
+        logger.log_hyperparams(flat_hparams(cfg), numeric)
+        logger.finalize("success")
+        _write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def evaluate(cfg: DictConfig, ckpt: str | None = None) -> dict[str, Any]:
+    """Test a checkpoint (default: the run's best, else last) on every eval split."""
+    from datamodules.ris import RISDataModule
+    from lightning_modules.ris_model import RISModel
+    from lightning_modules.tokenizer_setup import tokenizer_for
+
+    _check_inputs(cfg)
+    run_dir = run_dir_for(cfg)
+    if ckpt is None:
+        for name in ("best.ckpt", "last.ckpt"):
+            if (run_dir / "checkpoints" / name).is_file():
+                ckpt = str(run_dir / "checkpoints" / name)
+                break
+    if ckpt is None or not Path(ckpt).is_file():
+        raise ConfigError(
+            f"no checkpoint to evaluate: {ckpt or run_dir / 'checkpoints'} not found. Pass "
+            "--ckpt PATH or the run's --config/run_dir."
+        )
+    pl.seed_everything(cfg.seed, verbose=False)
+    tokenizer = tokenizer_for(cfg, run_dir / "tokenizer")
+    model = RISModel(cfg, tokenizer)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict(state)
+    dm = RISDataModule(cfg, tokenizer)
+    trainer = _trainer(cfg, run_dir, [], None)
+    results = trainer.test(model, datamodule=dm, verbose=False)
+    metrics = _metrics_from(results, list(cfg.data.eval_splits), "test")
+    print(format_metrics(metrics, list(cfg.data.eval_splits)))
+    return metrics
+
+
+def format_metrics(metrics: dict, splits: list[str]) -> str:
+    lines = ["| split | cIoU | gIoU | tokens mean | tokens p95 |", "|---|---|---|---|---|"]
+    for s in splits:
+        if f"{s}_ciou" in metrics:
+            lines.append(
+                f"| {s} | {metrics[f'{s}_ciou']:.4f} | {metrics[f'{s}_giou']:.4f} | "
+                f"{metrics.get(f'{s}_tokens_mean', float('nan')):.1f} | "
+                f"{metrics.get(f'{s}_tokens_p95', float('nan')):.1f} |"
+            )
+    return "\n".join(lines)

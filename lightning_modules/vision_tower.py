@@ -1,0 +1,340 @@
+"""Vision towers (CLIP, DINOv2, SAM's image encoder) that turn images into patch feature maps.
+
+A tower returns one layer's patch tokens as a B×C×h×w map (class and register tokens dropped), the
+input every projector takes. Frozen towers' features can be cached on disk with `FeatureCache`.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT
+from torch import nn
+from transformers import (
+    AutoConfig,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersModel,
+)
+
+from datamodules.errors import ConfigError
+from lightning_modules.sam_builder import load_sam
+
+TOWER_NAMES = ("clip", "dinov2", "sam_encoder")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SAM_EMBED_DIM = 256
+
+
+@dataclass
+class VisionTowerConfig:
+    """Which tower, where its weights are, and the tiny random-init size used when ``path`` is None.
+
+    ``path`` is a ``save_pretrained`` folder for clip/dinov2 and a SAM ``.pth`` checkpoint for
+    sam_encoder. ``feature_layer`` indexes the hidden states (0 = embeddings, -1 = last layer; LLaVA
+    takes -2); the SAM encoder always returns its neck output, the embedding SAM's decoder reads.
+    """
+
+    name: str = "clip"
+    path: str | None = None
+    sam_model_type: str = "custom"
+    image_size: int = 128
+    patch_size: int = 16
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    intermediate_size: int = 128
+    init_seed: int = 0
+    feature_layer: int = -2
+    frozen: bool = True
+
+
+def _file_identity(path: Path) -> list:
+    st = path.stat()
+    return [path.name, st.st_size, int(st.st_mtime)]
+
+
+def _weights_identity(path: str | None) -> list:
+    """Name, size and mtime of the weight files, so replaced weights change the hash."""
+    if path is None:
+        return []
+    p = Path(path)
+    if p.is_dir():
+        return [_file_identity(f) for f in sorted(p.iterdir()) if f.is_file()]
+    files = [p, p.with_suffix(".json")]
+    return [_file_identity(f) for f in files if f.is_file()]
+
+
+def _check_path(cfg: VisionTowerConfig, want_dir: bool) -> None:
+    p = Path(cfg.path)
+    ok = p.is_dir() if want_dir else p.is_file()
+    if not ok:
+        kind = "a save_pretrained folder" if want_dir else "a SAM checkpoint file"
+        raise ConfigError(
+            f"vision_tower.path={cfg.path!r} is not {kind} for vision_tower.name={cfg.name!r}; "
+            "point it at local weights or set it to null for a tiny random-init tower"
+        )
+
+
+def _tiny_hf_config(cfg: VisionTowerConfig):
+    sizes = dict(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+    )
+    if cfg.name == "clip":
+        return CLIPVisionConfig(intermediate_size=cfg.intermediate_size, **sizes)
+    if cfg.intermediate_size % cfg.hidden_size:
+        raise ConfigError(
+            f"vision_tower.intermediate_size={cfg.intermediate_size} must be a multiple of "
+            f"vision_tower.hidden_size={cfg.hidden_size} for DINOv2 (its MLP ratio is an integer)"
+        )
+    return Dinov2Config(mlp_ratio=cfg.intermediate_size // cfg.hidden_size, **sizes)
+
+
+def _load_hf(cfg: VisionTowerConfig) -> nn.Module:
+    _check_path(cfg, want_dir=True)
+    if cfg.name == "clip":
+        return CLIPVisionModel.from_pretrained(cfg.path, local_files_only=True)
+    model_type = AutoConfig.from_pretrained(cfg.path, local_files_only=True).model_type
+    if model_type == "dinov2_with_registers":
+        return Dinov2WithRegistersModel.from_pretrained(cfg.path, local_files_only=True)
+    if model_type != "dinov2":
+        raise ConfigError(
+            f"vision_tower.path={cfg.path!r} holds a {model_type!r} model, not DINOv2; "
+            "fix vision_tower.path or vision_tower.name"
+        )
+    return Dinov2Model.from_pretrained(cfg.path, local_files_only=True)
+
+
+def _tiny_sam_encoder(cfg: VisionTowerConfig) -> ImageEncoderViT:
+    return ImageEncoderViT(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.hidden_size,
+        depth=cfg.num_hidden_layers,
+        num_heads=cfg.num_attention_heads,
+        mlp_ratio=cfg.intermediate_size / cfg.hidden_size,
+        out_chans=SAM_EMBED_DIM,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+    )
+
+
+class VisionTower(nn.Module):
+    """``forward(pixel_values B×3×S×S) -> B×C×h×w`` patch features of one layer."""
+
+    def __init__(self, cfg: VisionTowerConfig):
+        super().__init__()
+        if cfg.name not in TOWER_NAMES:
+            raise ConfigError(
+                f"vision_tower.name={cfg.name!r} is unknown; use one of {', '.join(TOWER_NAMES)}"
+            )
+        self.cfg = cfg
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            if cfg.name == "sam_encoder":
+                self.model, mean, std = self._build_sam(cfg)
+            elif cfg.path:
+                self.model = _load_hf(cfg)
+            else:
+                model_cls = CLIPVisionModel if cfg.name == "clip" else Dinov2Model
+                self.model = model_cls(_tiny_hf_config(cfg))
+        if cfg.name == "clip":
+            mean, std = CLIP_MEAN, CLIP_STD
+        self._setup_geometry()
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        if cfg.frozen:
+            self.model.requires_grad_(False)
+        self.train()
+
+    @staticmethod
+    def _build_sam(cfg: VisionTowerConfig):
+        if not cfg.path:
+            return _tiny_sam_encoder(cfg), IMAGENET_MEAN, IMAGENET_STD
+        _check_path(cfg, want_dir=False)
+        sam = load_sam(cfg.path, cfg.sam_model_type)
+        mean = tuple((sam.pixel_mean.flatten() / 255).tolist())
+        std = tuple((sam.pixel_std.flatten() / 255).tolist())
+        return sam.image_encoder, mean, std
+
+    def _setup_geometry(self) -> None:
+        cfg = self.cfg
+        if cfg.name == "sam_encoder":
+            patch = self.model.patch_embed.proj.kernel_size[0]
+            self.out_channels = self.model.neck[0].out_channels
+            if self.model.img_size != cfg.image_size:
+                raise ConfigError(
+                    f"vision_tower.image_size={cfg.image_size} but the SAM encoder in "
+                    f"{cfg.path} takes {self.model.img_size}; set vision_tower.image_size="
+                    f"{self.model.img_size}"
+                )
+            self._num_prefix = 0
+        else:
+            hf = self.model.config
+            patch = hf.patch_size
+            self.out_channels = hf.hidden_size
+            self._num_prefix = 1 + getattr(hf, "num_register_tokens", 0)
+            layers = hf.num_hidden_layers
+            if not -layers - 1 <= cfg.feature_layer <= layers:
+                raise ConfigError(
+                    f"vision_tower.feature_layer={cfg.feature_layer} is outside "
+                    f"-{layers + 1}..{layers} for a {layers}-layer tower"
+                )
+        if cfg.image_size % patch:
+            raise ConfigError(
+                f"vision_tower.image_size={cfg.image_size} is not a multiple of the tower's "
+                f"patch size {patch}"
+            )
+        side = cfg.image_size // patch
+        self.grid_size = (side, side)
+        self.image_size = cfg.image_size
+
+    def train(self, mode: bool = True) -> "VisionTower":
+        """Switch mode; a frozen tower's weights stay in eval mode (no dropout, fixed features)."""
+        super().train(mode)
+        if self.cfg.frozen:
+            self.model.eval()
+        return self
+
+    def config_hash(self) -> str:
+        """Stable hash of the config and the weight files' identity (name, size, mtime)."""
+        key = {"config": asdict(self.cfg), "weights": _weights_identity(self.cfg.path)}
+        blob = json.dumps(key, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def preprocess(self, images: torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 H×W×3 images (a B×H×W×3 tensor or a list) -> normalised B×3×S×S pixel values.
+
+        The whole image is resized to S×S (no crop), so every pixel of the mask is seen.
+        """
+        out = []
+        for image in images:
+            x = torch.as_tensor(np.asarray(image)).permute(2, 0, 1)[None].float() / 255.0
+            size = (self.image_size, self.image_size)
+            out.append(F.interpolate(x, size=size, mode="bilinear", antialias=True))
+        pixels = torch.cat(out).to(self.pixel_mean.device)
+        return (pixels - self.pixel_mean) / self.pixel_std
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.frozen):
+            if self.cfg.name == "sam_encoder":
+                return self.model(pixel_values)
+            interpolate = {}
+            if self.cfg.name == "clip":
+                interpolate["interpolate_pos_encoding"] = (
+                    self.image_size != self.model.config.image_size
+                )
+            out = self.model(pixel_values=pixel_values, output_hidden_states=True, **interpolate)
+            tokens = out.hidden_states[self.cfg.feature_layer][:, self._num_prefix :]
+            h, w = self.grid_size
+            return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+
+def build_vision_tower(cfg: VisionTowerConfig) -> VisionTower:
+    """The tower named by ``cfg.name``: local weights when ``cfg.path`` is set, else tiny."""
+    return VisionTower(cfg)
+
+
+class FeatureCache:
+    """Frozen-tower features on disk: ``<cache_root>/<config hash>/<image_id>.npy`` in float16.
+
+    ``meta.json`` records the tower config; a different config gets its own directory, so features
+    never mix. Writes go to a temp file renamed into place, safe with several writers (DDP ranks).
+    """
+
+    def __init__(self, cache_root: str | os.PathLike, tower: VisionTower):
+        if not tower.cfg.frozen:
+            raise ConfigError(
+                "vision_tower.frozen=false: a trained tower's features change every step, so they "
+                "cannot be cached; set vision_tower.frozen=true or turn the feature cache off"
+            )
+        self.hash = tower.config_hash()
+        self.dir = Path(cache_root) / self.hash
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta_path = self.dir / "meta.json"
+        if not meta_path.exists():
+            meta = {
+                "hash": self.hash,
+                "config": asdict(tower.cfg),
+                "weights": _weights_identity(tower.cfg.path),
+                "out_channels": tower.out_channels,
+                "grid_size": list(tower.grid_size),
+            }
+            self._atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        self.meta = json.loads(meta_path.read_text())
+
+    def _file(self, image_id) -> Path:
+        name = str(image_id)
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise ValueError(f"image id {image_id!r} cannot be used as a cache file name")
+        return self.dir / f"{name}.npy"
+
+    def _atomic_write(self, path: Path, write: Callable) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def __contains__(self, image_id) -> bool:
+        return self._file(image_id).exists()
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.dir.glob("*.npy"))
+
+    def get(self, image_id) -> torch.Tensor | None:
+        """The cached C×h×w features as float32, or None when not cached."""
+        path = self._file(image_id)
+        if not path.exists():
+            return None
+        return torch.from_numpy(np.load(path)).float()
+
+    def put(self, image_id, features: torch.Tensor) -> None:
+        """Store one image's C×h×w features (kept as float16)."""
+        array = features.detach().to("cpu", torch.float16).numpy()
+        self._atomic_write(self._file(image_id), lambda f: np.save(f, array))
+
+
+def cached_features(
+    tower: VisionTower,
+    image_ids: Sequence,
+    pixel_values_fn: Callable[[list], torch.Tensor],
+    cache: FeatureCache | None = None,
+) -> torch.Tensor:
+    """B×C×h×w features for ``image_ids``; only the images missing from ``cache`` go through
+    ``tower`` (``pixel_values_fn(missing_ids) -> pixel values``) and are stored. With a cache every
+    result is read back from it, so a first and a later call give the same float16-rounded values.
+    """
+    device = tower.pixel_mean.device
+    if cache is None:
+        return tower(pixel_values_fn(list(image_ids)).to(device))
+    if cache.hash != tower.config_hash():
+        raise ValueError("the feature cache belongs to a different vision tower config")
+    found = {i: cache.get(i) for i in image_ids}
+    missing = [i for i, f in found.items() if f is None]
+    if missing:
+        computed = tower(pixel_values_fn(missing).to(device))
+        for image_id, feats in zip(missing, computed):
+            cache.put(image_id, feats)
+            found[image_id] = cache.get(image_id)
+    return torch.stack([found[i] for i in image_ids]).to(device)
