@@ -111,7 +111,6 @@ def _component_configs() -> dict[str, type]:
 def _make_run_schema() -> type:
     comps = _component_configs()
     fields = [
-        ("preset", str, field(default="tiny")),
         ("name", str, field(default="run")),
         ("seed", int, field(default=0)),
         ("runs_root", str, field(default="runs")),

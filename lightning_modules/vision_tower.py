@@ -226,7 +226,8 @@ class VisionTower(nn.Module):
         """
         out = []
         for image in images:
-            x = torch.as_tensor(np.asarray(image)).permute(2, 0, 1)[None].float() / 255.0
+            x = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))
+            x = x.permute(2, 0, 1)[None].float() / 255.0
             size = (self.image_size, self.image_size)
             out.append(F.interpolate(x, size=size, mode="bilinear", antialias=True))
         pixels = torch.cat(out).to(self.pixel_mean.device)

@@ -4,30 +4,19 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from datamodules.errors import ConfigError, DataError
-from datamodules.superpixels import SOURCES, build_source, partition_masks, refine_partition
-from lightning_modules.sam_builder import SamConfig, build_sam, save_sam
+from datamodules.superpixels import (
+    SOURCES,
+    build_source,
+    partition_masks,
+    refine_partition,
+    source_config,
+)
+from lightning_modules.sam_builder import load_sam
 
 HEIGHT, WIDTH = 48, 64
-TINY_SAM = SamConfig(
-    img_size=64,
-    patch_size=8,
-    encoder_embed_dim=32,
-    encoder_depth=1,
-    encoder_num_heads=2,
-    encoder_global_attn_indexes=[0],
-    window_size=0,
-    use_rel_pos=False,
-    prompt_embed_dim=32,
-    mask_in_chans=4,
-    decoder_depth=1,
-    decoder_mlp_dim=64,
-    decoder_num_heads=2,
-    iou_head_hidden_dim=32,
-)
 # Random weights: keep every mask the generator proposes.
 SAM_TEST_CONFIG = {
     "name": "sam",
@@ -40,9 +29,8 @@ SAM_TEST_CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def tiny_sam():
-    torch.manual_seed(0)
-    return build_sam(TINY_SAM)
+def tiny_sam(tiny_sam_checkpoint):
+    return load_sam(tiny_sam_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +82,7 @@ def test_source_config_schema(name, tiny_sam):
     first = dataclasses.fields(config)[0]
     assert (first.name, first.default) == ("name", name)
     node = OmegaConf.structured(config)
+    assert source_config(node) == source_config({"name": name}) == config()
     kwargs = {"model": tiny_sam} if name == "sam" else {}
     assert isinstance(build_source(node, **kwargs), SOURCES[name])
     with pytest.raises(ConfigError, match="no_such_key"):
@@ -129,9 +118,8 @@ def test_sam_missing_checkpoint_names_key(tmp_path):
         SOURCES["sam"]({"checkpoint": str(tmp_path / "missing.pth")})
 
 
-def test_sam_loads_checkpoint_and_caps_superpixels(tmp_path, tiny_sam, scene):
-    checkpoint = save_sam(tiny_sam, TINY_SAM, tmp_path / "sam.pth")
-    cfg = SAM_TEST_CONFIG | {"checkpoint": str(checkpoint), "max_superpixels": 3}
+def test_sam_loads_checkpoint_and_caps_superpixels(tiny_sam_checkpoint, scene):
+    cfg = SAM_TEST_CONFIG | {"checkpoint": str(tiny_sam_checkpoint), "max_superpixels": 3}
     labels = SOURCES["sam"](cfg)(scene[0])
     assert_partition(labels, (HEIGHT, WIDTH))
     assert labels.max() < 3

@@ -51,12 +51,12 @@ class SuperpixelSource:
 
 def build_source(cfg: Any, **kwargs: Any) -> SuperpixelSource:
     """Build the source named by `cfg.name` (a dataclass, DictConfig or mapping)."""
-    name = cfg.get("name") if isinstance(cfg, Mapping | DictConfig) else getattr(cfg, "name", None)
-    if name not in SOURCES:
-        raise ConfigError(
-            f"unknown superpixels.name {name!r}; choose one of {', '.join(sorted(SOURCES))}"
-        )
-    return SOURCES[name](cfg, **kwargs)
+    return _source_class(cfg)(cfg, **kwargs)
+
+
+def source_config(cfg: Any) -> Any:
+    """The validated `Config` dataclass (defaults filled in) of the source named by `cfg.name`."""
+    return _to_config(_source_class(cfg), cfg)
 
 
 def check_range(cfg: Any, key: str, low: float | None = None, high: float | None = None) -> None:
@@ -65,6 +65,15 @@ def check_range(cfg: Any, key: str, low: float | None = None, high: float | None
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"between {low} and {high}" if high is not None else f">= {low}"
         raise ConfigError(f"superpixels.{key} must be {bounds}, got {value}")
+
+
+def _source_class(cfg: Any) -> type[SuperpixelSource]:
+    name = cfg.get("name") if isinstance(cfg, Mapping | DictConfig) else getattr(cfg, "name", None)
+    if name not in SOURCES:
+        raise ConfigError(
+            f"unknown superpixels.name {name!r}; choose one of {', '.join(sorted(SOURCES))}"
+        )
+    return SOURCES[name]
 
 
 def _to_config(cls: type[SuperpixelSource], cfg: Any) -> Any:
@@ -86,7 +95,7 @@ def _to_config(cls: type[SuperpixelSource], cfg: Any) -> Any:
         key = getattr(err, "full_key", None)
         known = ", ".join(f.name for f in fields(cls.Config))
         raise ConfigError(
-            f"superpixels{'.' + key if key else ''}: {err.msg} "
+            f"superpixels{'.' + key if key else ''}: {str(err.msg).splitlines()[0]} "
             f"(source {cls.name!r} takes the keys {known})"
         ) from err
     return OmegaConf.to_object(merged)

@@ -84,9 +84,14 @@ def write_shard(
         raise
 
 
+def read_index(cache_dir: str | os.PathLike) -> list[list]:
+    """The image ids of every shard, from `index.json`."""
+    return _read_json(Path(cache_dir) / INDEX_FILE)["shards"]
+
+
 def missing_shards(cache_dir: str | os.PathLike) -> list[int]:
     """Indices of the shards in `index.json` whose file does not exist yet."""
-    shards = _read_json(Path(cache_dir) / INDEX_FILE)["shards"]
+    shards = read_index(cache_dir)
     return [k for k in range(len(shards)) if not shard_path(cache_dir, k).is_file()]
 
 
@@ -114,7 +119,7 @@ def open_or_create_cache(
                 f"superpixel cache {meta_file} was written for another config: "
                 f"{'; '.join(diffs)}; {_FIX}"
             )
-        cached_ids = [i for shard in _read_json(index_file)["shards"] for i in shard]
+        cached_ids = [i for shard in read_index(cache_dir) for i in shard]
         if cached_ids != sorted(set(_canonical(list(image_ids)))):
             raise ConfigError(
                 f"superpixel cache {index_file} covers other images than requested "
@@ -160,7 +165,7 @@ class SuperpixelStore:
                 "run `svp precompute` first"
             )
         self.meta = _read_json(meta_file)
-        shards = _read_json(self.cache_dir / INDEX_FILE)["shards"]
+        shards = read_index(self.cache_dir)
         missing = missing_shards(self.cache_dir)
         if missing:
             example = shard_path(self.cache_dir, missing[0]).name

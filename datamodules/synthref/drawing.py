@@ -44,8 +44,10 @@ CIRCLE_VERTICES = 48
 
 def _regular(count: int, radius: float, phase: float) -> list[tuple[float, float]]:
     return [
-        (radius * math.cos(phase + 2 * math.pi * k / count),
-         radius * math.sin(phase + 2 * math.pi * k / count))
+        (
+            radius * math.cos(phase + 2 * math.pi * k / count),
+            radius * math.sin(phase + 2 * math.pi * k / count),
+        )
         for k in range(count)
     ]
 
@@ -57,8 +59,20 @@ def _star() -> list[tuple[float, float]]:
 
 def _cross(arm: float = 0.34, reach: float = 0.95) -> list[tuple[float, float]]:
     a, r = arm, reach
-    return [(-a, -r), (a, -r), (a, -a), (r, -a), (r, a), (a, a),
-            (a, r), (-a, r), (-a, a), (-r, a), (-r, -a), (-a, -a)]
+    return [
+        (-a, -r),
+        (a, -r),
+        (a, -a),
+        (r, -a),
+        (r, a),
+        (a, a),
+        (a, r),
+        (-a, r),
+        (-a, a),
+        (-r, a),
+        (-r, -a),
+        (-a, -a),
+    ]
 
 
 def _centred(points: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
@@ -86,7 +100,7 @@ def shape_radius(size: str, image_size: int) -> float:
 
 
 def shape_polygon(shape: str, cx: float, cy: float, radius: float) -> list[float]:
-    """COCO polygon [x0, y0, x1, y1, ...] of `shape`; vertices rounded to 0.01 px for stable JSON."""
+    """COCO polygon [x0, y0, x1, y1, ...] of `shape`, rounded to 0.01 px so JSON is stable."""
     return [
         round(c + radius * v, 2) for x, y in UNIT_OUTLINES[shape] for c, v in ((cx, x), (cy, y))
     ]

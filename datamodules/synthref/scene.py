@@ -68,7 +68,7 @@ class SceneObject:
 
     @property
     def attributes(self) -> dict[str, str]:
-        return {"shape": self.shape, "color": self.color, "size": self.size, "texture": self.texture}
+        return {name: getattr(self, name) for name in ("shape", "color", "size", "texture")}
 
 
 @dataclass
@@ -133,8 +133,8 @@ def _try_scene(rng: np.random.Generator, count: int, image_size: int) -> list[Pl
     for _ in range(count):
         for _ in range(PLACEMENT_TRIES):
             p = _random_placement(rng, image_size, placed)
-            radius = shape_radius(p.size, image_size)
-            full = rasterize_polygon(shape_polygon(p.shape, p.cx, p.cy, radius), image_size, image_size)
+            polygon = shape_polygon(p.shape, p.cx, p.cy, shape_radius(p.size, image_size))
+            full = rasterize_polygon(polygon, image_size, image_size)
             same = [i for i, q in enumerate(placed) if q.color == p.color]
             if same:
                 halo = _dilate(full, SAME_COLOR_GAP)
@@ -189,7 +189,10 @@ def scene_from_annotations(annotations: list[dict], height: int, width: int) -> 
         seg = ann["segmentation"]
         polygon = seg[0] if isinstance(seg, list) else None
         objects.append(
-            SceneObject(**ann["attributes"], visible=decode_segmentation(seg, height, width),
-                        polygon=polygon)
+            SceneObject(
+                **ann["attributes"],
+                visible=decode_segmentation(seg, height, width),
+                polygon=polygon,
+            )
         )
     return Scene(height, width, objects)

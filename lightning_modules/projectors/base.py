@@ -143,7 +143,8 @@ def sincos_2d(h: int, w: int, dim: int, device: Any = None, dtype: Any = None) -
     When `dim` is not a multiple of 4 the last `dim % 4` channels are zero.
     """
     quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / max(quarter, 1))
+    steps = torch.arange(quarter, device=device, dtype=torch.float32)
+    omega = 1.0 / 10000 ** (steps / max(quarter, 1))
     ys, xs = torch.meshgrid(
         torch.arange(h, device=device, dtype=torch.float32),
         torch.arange(w, device=device, dtype=torch.float32),

@@ -1,8 +1,8 @@
-"""`c_abstractor` — Honeybee's C-Abstractor: conv blocks → adaptive avg-pool k×k → conv blocks → MLP.
+"""`c_abstractor` — Honeybee: conv blocks → adaptive avg-pool k×k → conv blocks → MLP (n = k²).
 
-Honeybee uses RegNet stages with squeeze-excitation and a learned position embedding sized to a fixed
-patch grid; here the blocks are plain ResNet bottlenecks (ratio 1, LayerNorm, SiLU) and the 3×3
-convolutions' zero padding supplies location, so any feature grid works.
+Honeybee uses RegNet stages with squeeze-excitation and a learned position embedding sized to a
+fixed patch grid; here the blocks are plain ResNet bottlenecks (ratio 1, LayerNorm, SiLU) and the
+3×3 convolutions' zero padding supplies location, so any feature grid works.
 """
 
 from dataclasses import dataclass
@@ -61,7 +61,7 @@ def res_stage(depth: int, in_dim: int, out_dim: int) -> nn.Sequential:
 
 @register_projector("c_abstractor")
 class CAbstractorProjector(Projector):
-    """Locality-preserving convolutional abstractor; the conv width is `hidden_dim` (None = out_dim)."""
+    """Locality-preserving convolutional abstractor; conv width `hidden_dim` (None = out_dim)."""
 
     @dataclass
     class Config:

@@ -1,7 +1,7 @@
 """`tokenpacker` — TokenPacker: down-sampled queries, each attending to its own s×s region.
 
-TokenPacker injects regions of several vision-tower layers (multi-level features) into each query;
-the suite's projector contract passes one layer, so the keys/values here are that layer's s×s region.
+TokenPacker injects regions of several vision-tower layers (multi-level features) into each
+query; the projector contract passes one layer, so the keys/values are that layer's s×s region.
 A grid that s does not divide is zero-padded to ⌈h/s⌉·s × ⌈w/s⌉·s and the padding is masked out of
 both the query (a masked mean) and the attention.
 """
@@ -9,7 +9,6 @@ both the query (a masked mean) and the attention.
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

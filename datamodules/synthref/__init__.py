@@ -1,0 +1,1 @@
+"""SynthRef generator parts; the public entry point is `datamodules.synthetic`."""

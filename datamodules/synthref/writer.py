@@ -1,0 +1,210 @@
+"""Write SynthRef to disk in the REFER layout, atomically and byte-for-byte reproducibly."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
+
+from datamodules.errors import ConfigError, DataError
+from datamodules.synthref.drawing import SHAPES, paint
+from datamodules.synthref.grammar import expression_text
+from datamodules.synthref.resolver import referring_expressions
+from datamodules.synthref.scene import Scene, sample_scene
+
+DATASET = "synthref"
+SPLIT_BY = "unc"
+SYNTHREF_SPLITS = ("train", "val", "testA", "testB")
+OBJECT_COUNTS = {"train": (1, 12), "val": (1, 12), "testA": (1, 4), "testB": (7, 12)}
+SENTENCE_COUNT_PROBS = (0.25, 0.35, 0.4)  # 1, 2 or 3 sentences per ref
+PICKLE_PROTOCOL = 4
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SynthConfig:
+    """How much SynthRef to generate, where, and from which seed."""
+
+    root: str = field(default="data", metadata={"help": "data root of the REFER layout"})
+    train_images: int = field(default=600, metadata={"help": "images in the train split"})
+    val_images: int = field(default=120, metadata={"help": "images in the val split"})
+    testA_images: int = field(default=80, metadata={"help": "images in testA (1-4 objects)"})
+    testB_images: int = field(default=80, metadata={"help": "images in testB (7-12 objects)"})
+    image_size: int = field(default=128, metadata={"help": "side of the square images in pixels"})
+    seed: int = field(default=0, metadata={"help": "same seed, same bytes"})
+
+    def split_images(self) -> dict[str, int]:
+        return {split: getattr(self, f"{split}_images") for split in SYNTHREF_SPLITS}
+
+
+def _check(cfg: SynthConfig) -> None:
+    for split, count in cfg.split_images().items():
+        if count < 0:
+            raise ConfigError(f"synth.{split}_images must be >= 0, got {count}")
+    if sum(cfg.split_images().values()) == 0:
+        raise ConfigError("synth.*_images are all 0; ask for at least one image")
+    if not 64 <= cfg.image_size <= 1024:
+        raise ConfigError(f"synth.image_size must be in 64..1024, got {cfg.image_size}")
+    if cfg.seed < 0:
+        raise ConfigError(f"synth.seed must be >= 0, got {cfg.seed}")
+
+
+def synthref_paths(root: str | Path) -> dict[str, Path]:
+    """Where REFER readers look: the annotation folder, its two files and the image folder."""
+    root = Path(root)
+    return {
+        "annotations": root / DATASET,
+        "refs": root / DATASET / f"refs({SPLIT_BY}).p",
+        "instances": root / DATASET / "instances.json",
+        "images": root / "images" / DATASET,
+    }
+
+
+def synthref_exists(root: str | Path) -> bool:
+    """True when a complete SynthRef (both annotation files and the image folder) is under root."""
+    paths = synthref_paths(root)
+    return paths["refs"].is_file() and paths["instances"].is_file() and paths["images"].is_dir()
+
+
+def _segmentation(obj) -> list | dict:
+    """Unoccluded objects keep their polygon; occluded ones the compressed RLE of what shows."""
+    if not obj.occluded:
+        return [obj.polygon]
+    rle = mask_utils.encode(np.asfortranarray(obj.visible.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _annotation(obj, ann_id: int, image_id: int) -> dict:
+    x0, y0, x1, y1 = obj.bbox
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": SHAPES.index(obj.shape) + 1,
+        "segmentation": _segmentation(obj),
+        "area": obj.area,
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "iscrowd": 0,
+        "attributes": obj.attributes,
+    }
+
+
+def _image(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, np.ndarray, list]:
+    """One scene, its pixels and [(object index, sentences)] for the objects that get refs."""
+    rng = np.random.default_rng([cfg.seed, SYNTHREF_SPLITS.index(split), index])
+    low, high = OBJECT_COUNTS[split]
+    scene = sample_scene(rng, int(rng.integers(low, high + 1)), cfg.image_size)
+    layers = [(o.full, o.color, o.texture) for o in scene.objects]
+    pixels = paint(layers, rng, scene.height, scene.width)
+    count = len(scene.objects)
+    chosen = rng.choice(count, size=max(1, round(count * rng.uniform(0.5, 1.0))), replace=False)
+    counts = {int(t): int(rng.choice(3, p=SENTENCE_COUNT_PROBS)) + 1 for t in sorted(chosen)}
+    exprs = referring_expressions(scene, counts, rng)
+    refs = [(t, [expression_text(e) for e in found]) for t, found in exprs.items() if found]
+    return scene, pixels, refs
+
+
+def _write(cfg: SynthConfig, out: Path, progress: bool) -> None:
+    paths = synthref_paths(out)
+    paths["annotations"].mkdir(parents=True)
+    paths["images"].mkdir(parents=True)
+    images, annotations, refs = [], [], []
+    image_id = ann_id = ref_id = sent_id = 0
+    with tqdm(
+        total=sum(cfg.split_images().values()), desc="SynthRef", unit="img", disable=not progress
+    ) as bar:
+        for split, count in cfg.split_images().items():
+            for index in range(count):
+                scene, pixels, image_refs = _image(cfg, split, index)
+                image_id += 1
+                file_name = f"{DATASET}_{image_id:06d}.png"
+                Image.fromarray(pixels).save(
+                    paths["images"] / file_name, format="PNG", compress_level=1
+                )
+                images.append(
+                    {
+                        "id": image_id,
+                        "file_name": file_name,
+                        "height": scene.height,
+                        "width": scene.width,
+                    }
+                )
+                ann_ids = []
+                for obj in scene.objects:
+                    ann_id += 1
+                    ann_ids.append(ann_id)
+                    annotations.append(_annotation(obj, ann_id, image_id))
+                for target, texts in image_refs:
+                    ref_id += 1
+                    sent_ids = list(range(sent_id + 1, sent_id + 1 + len(texts)))
+                    sent_id += len(texts)
+                    refs.append(
+                        {
+                            "ref_id": ref_id,
+                            "ann_id": ann_ids[target],
+                            "image_id": image_id,
+                            "category_id": SHAPES.index(scene.objects[target].shape) + 1,
+                            "split": split,
+                            "sentences": [
+                                {"sent_id": s, "sent": t, "raw": t, "tokens": t.split()}
+                                for s, t in zip(sent_ids, texts)
+                            ],
+                            "sent_ids": sent_ids,
+                            "file_name": file_name,
+                        }
+                    )
+                bar.update()
+    instances = {
+        "info": {
+            "description": "SynthRef: synthetic referring expressions over shape scenes",
+            "version": FORMAT_VERSION,
+            "seed": cfg.seed,
+            "image_size": cfg.image_size,
+            "images": cfg.split_images(),
+        },
+        "images": images,
+        "annotations": annotations,
+        "categories": [
+            {"id": i, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES, 1)
+        ],
+    }
+    text = json.dumps(instances, sort_keys=True, separators=(",", ":"))
+    paths["instances"].write_text(text, encoding="utf-8")
+    paths["refs"].write_bytes(pickle.dumps(refs, protocol=PICKLE_PROTOCOL))
+
+
+def generate_synthref(cfg: SynthConfig, progress: bool = True, overwrite: bool = False) -> Path:
+    """Generate SynthRef under `cfg.root`; returns the annotation folder `<root>/synthref`.
+
+    Everything is written to a hidden sibling folder first and moved into place at the end, so an
+    interrupted run never leaves a partial data set behind.
+    """
+    _check(cfg)
+    root = Path(cfg.root)
+    final = synthref_paths(root)
+    if synthref_exists(root) and not overwrite:
+        raise DataError(
+            f"SynthRef already exists under {final['annotations']}; pass --overwrite to replace it"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DATASET}-", dir=root))
+    try:
+        _write(cfg, tmp, progress)
+        staged = synthref_paths(tmp)
+        # Annotations go last: without them a leftover image folder does not count as a data set.
+        for key in ("annotations", "images"):
+            if final[key].exists():
+                shutil.rmtree(final[key])
+        final["images"].parent.mkdir(parents=True, exist_ok=True)
+        staged["images"].rename(final["images"])
+        staged["annotations"].rename(final["annotations"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final["annotations"]

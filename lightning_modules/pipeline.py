@@ -1,0 +1,225 @@
+"""The stages behind `svp train-sam | precompute | superpixels | sweep | report | demo`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.errors import ConfigError, DataError
+
+
+def _plain(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _refer(cfg: DictConfig, split: str):
+    from datamodules.refer import ReferDataset
+
+    return ReferDataset(cfg.data.root, cfg.data.dataset, cfg.data.split_by, split)
+
+
+def _require_data(cfg: DictConfig) -> None:
+    folder = Path(cfg.data.root) / cfg.data.dataset
+    if not folder.is_dir():
+        hint = " Generate it with `svp synth`." if cfg.data.dataset == "synthref" else ""
+        raise DataError(f"data set folder {folder} is missing.{hint}")
+
+
+# ------------------------------------------------------------------------------ train-sam
+def run_train_sam(cfg: DictConfig, force: bool = False, progress: bool = True) -> dict:
+    from lightning_modules.sam_training import TrainSamConfig, train_sam
+
+    _require_data(cfg)
+    ts: TrainSamConfig = OmegaConf.to_object(cfg.train_sam)
+    out = Path(ts.out)
+    metrics_file = out.parent / "metrics.json"
+    if out.is_file() and not force:
+        previous = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        print(f"small SAM exists at {out} (val single-point mIoU "
+              f"{previous.get('miou', float('nan')):.3f}); skipping (use --force to retrain).")
+        return previous
+    result = train_sam(ts, progress=progress)
+    if result:
+        print(
+            f"small SAM saved to {result['checkpoint']}: val single-point mIoU "
+            f"{result['miou']:.3f} after {result['steps']} steps, {result['minutes']:.1f} min"
+        )
+    return result
+
+
+# ------------------------------------------------------------------------------ superpixels
+def source_config(cfg: DictConfig) -> dict:
+    return _plain(cfg.superpixels)
+
+
+def cache_splits(cfg: DictConfig, splits: list[str] | None = None) -> list[str]:
+    return list(splits) if splits else [cfg.data.train_split, *cfg.data.eval_splits]
+
+
+def run_precompute(cfg: DictConfig, splits: list[str] | None = None, progress: bool = True):
+    from datamodules.superpixels.precompute import precompute_superpixels
+
+    _require_data(cfg)
+    datasets = [_refer(cfg, s) for s in cache_splits(cfg, splits)]
+    t = cfg.trainer
+    cache_dir, summary = precompute_superpixels(
+        datasets,
+        source_config(cfg),
+        cfg.cache.root,
+        shard_size=cfg.cache.shard_size,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        progress=progress,
+    )
+    print(f"superpixel cache: {cache_dir}")
+    return cache_dir, summary
+
+
+def _sources_for(cfg: DictConfig, names: list[str]) -> dict[str, Any]:
+    from datamodules.superpixels import SOURCES, build_source
+    from lightning_modules.config import load_config
+
+    sources = {}
+    for name in names:
+        if name not in SOURCES:
+            raise ConfigError(f"unknown superpixel source '{name}'; choose from {sorted(SOURCES)}")
+        groups = [f"{k}={v}" for k, v in cfg.groups.items() if k != "superpixels"]
+        node = cfg.superpixels if name == cfg.superpixels.name else load_config(
+            [*groups, f"superpixels={name}"]
+        ).superpixels
+        sources[name] = build_source(node)
+    return sources
+
+
+def run_superpixel_quality(
+    cfg: DictConfig, sources: list[str], split: str = "val", limit: int | None = None
+) -> str:
+    from datamodules.superpixels.quality import evaluate_sources, format_quality_table
+
+    _require_data(cfg)
+    rows = evaluate_sources(_refer(cfg, split), _sources_for(cfg, sources), limit, progress=True)
+    table = format_quality_table(rows)
+    print(table)
+    return table
+
+
+def run_superpixel_show(
+    cfg: DictConfig, split: str = "val", count: int = 6, out: str | None = None
+) -> list[Path]:
+    from datamodules.superpixels.show import write_overlays
+
+    _require_data(cfg)
+    ds = _refer(cfg, split)
+    name = cfg.superpixels.name
+    src = _sources_for(cfg, [name])[name]
+    folder = Path(out) if out else Path(cfg.runs_root) / "superpixels" / name
+    paths = write_overlays(ds, src, folder, list(ds.image_ids[:count]))
+    print(f"wrote {len(paths)} overlays to {folder}")
+    return paths
+
+
+# ------------------------------------------------------------------------------ sweeps
+def make_train_fn(cfg: DictConfig):
+    """A sweep's trial runner: the base config's groups + the trial's overrides → `train`."""
+    from lightning_modules.config import load_config
+    from lightning_modules.train import train
+
+    base = [f"{k}={v}" for k, v in cfg.groups.items()]
+    keep = {
+        "data.root": cfg.data.root,
+        "cache.root": cfg.cache.root,
+        "train_sam.out": cfg.train_sam.out,
+        "runs_root": cfg.runs_root,
+    }
+
+    def train_fn(overrides: list[str], run_dir: Path, callbacks: list) -> dict:
+        trial_cfg = load_config(
+            [*base, *[f"{k}={v}" for k, v in keep.items()], *overrides, f"run_dir={run_dir}"]
+        )
+        OmegaConf.set_struct(trial_cfg, True)
+        if trial_cfg.projector.name == "semantic":
+            run_precompute(trial_cfg, progress=False)
+        return train(trial_cfg, callbacks=callbacks)
+
+    return train_fn
+
+
+def run_sweep_command(cfg: DictConfig):
+    from sweeps.report import pareto_report
+    from sweeps.study import run_sweep
+
+    sweep_cfg = OmegaConf.to_object(cfg.sweep)
+    study = run_sweep(sweep_cfg, make_train_fn(cfg), progress=True)
+    out_dir = Path(cfg.runs_root) / study.study_name
+    paths = pareto_report(study, out_dir)
+    _print_where(paths, out_dir)
+    return study
+
+
+def run_report(cfg: DictConfig) -> dict:
+    from sweeps.report import load_study, pareto_report
+
+    name = cfg.sweep.name
+    study = load_study(name, storage=cfg.sweep.storage, runs_root=cfg.runs_root)
+    out_dir = Path(cfg.runs_root) / name
+    paths = pareto_report(study, out_dir)
+    _print_where(paths, out_dir)
+    return paths
+
+
+def _print_where(paths: dict, out_dir: Path) -> None:
+    print("\nreport files:")
+    for k, v in paths.items():
+        print(f"  {k}: {v}")
+    print(f"TensorBoard: tensorboard --logdir {out_dir}")
+
+
+# ------------------------------------------------------------------------------ bench/demo
+def run_bench(cfg: DictConfig) -> None:
+    from lightning_modules.bench import projector_bench
+
+    print(projector_bench(cfg))
+
+
+def run_demo(cfg: DictConfig) -> None:
+    """SynthRef → small SAM → superpixels → short projector grid → report (cached stages skip)."""
+    from datamodules.synthetic import SynthConfig, generate_synthref, synthref_exists
+
+    t0 = time.time()
+    stages: list[tuple[str, float]] = []
+
+    def stage(name: str, start: float) -> None:
+        stages.append((name, time.time() - start))
+        print(f"[demo] {name}: {stages[-1][1] / 60:.1f} min")
+
+    s = time.time()
+    synth: SynthConfig = OmegaConf.to_object(cfg.synth)
+    if synthref_exists(synth.root):
+        print(f"[demo] SynthRef found under {synth.root}; skipping generation")
+    else:
+        generate_synthref(synth, progress=True)
+    from datamodules.refer import stats_table
+
+    print(stats_table(cfg.data.root, cfg.data.dataset, cfg.data.split_by))
+    stage("synthref", s)
+
+    s = time.time()
+    run_train_sam(cfg)
+    stage("train-sam", s)
+
+    s = time.time()
+    run_precompute(cfg)
+    stage("precompute", s)
+
+    s = time.time()
+    study = run_sweep_command(cfg)
+    stage("sweep", s)
+    total = (time.time() - t0) / 60
+    print(f"[demo] done in {total:.1f} min; study '{study.study_name}' under "
+          f"{Path(cfg.runs_root) / study.study_name}")

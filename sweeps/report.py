@@ -1,0 +1,199 @@
+"""Sweep reports: every trial and the Pareto front as Markdown, CSV and a tokens-vs-cIoU plot."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from datamodules.errors import ConfigError
+from sweeps.study import SURPLUS, storage_url
+
+COLUMNS = (
+    "trial",
+    "state",
+    "projector",
+    "token_budget",
+    "tokens_mean",
+    "tokens_p95",
+    "val_ciou",
+    "val_giou",
+    "testA_ciou",
+    "testA_giou",
+    "testB_ciou",
+    "testB_giou",
+    "train_minutes",
+    "run_dir",
+)
+_LABELS = {
+    "token_budget": "token budget",
+    "tokens_mean": "tokens mean",
+    "tokens_p95": "tokens p95",
+    "train_minutes": "train min",
+    "run_dir": "run dir",
+}
+
+
+def load_study(
+    name: str, storage: str | None = None, runs_root: str | Path = "runs"
+) -> optuna.Study:
+    """Open an existing study; the error lists the studies that do exist."""
+    url = storage_url(name, storage, runs_root)
+    if storage is None:
+        path = Path(runs_root) / name / "study.db"
+        if not path.is_file():
+            known = sorted(p.parent.name for p in Path(runs_root).glob("*/study.db"))
+            raise ConfigError(
+                f"no study '{name}': {path} does not exist. Studies under {runs_root}/: "
+                f"{', '.join(known) or '(none)'}. Run `svp sweep` first, or pass the storage URL "
+                "the sweep used (sweep.storage=...)."
+            )
+    try:
+        names = optuna.get_all_study_names(url)
+    except (ValueError, ImportError, optuna.exceptions.StorageInternalError) as err:
+        raise ConfigError(f"sweep.storage: cannot open '{url}' ({err}). Check the URL.") from err
+    if name not in names:
+        raise ConfigError(
+            f"no study '{name}' in {url}. Studies there: {', '.join(sorted(names)) or '(none)'}."
+        )
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def trial_row(trial: FrozenTrial) -> dict[str, Any]:
+    """One report row: the trial's number and state, then the metrics train_fn returned."""
+    row = {key: trial.user_attrs.get(key) for key in COLUMNS}
+    row.update(trial=trial.number, state=trial.state.name)
+    return row
+
+
+def pareto_report(study: optuna.Study, out_dir: str | Path, echo: bool = True) -> dict[str, Path]:
+    """Write report.md, trials.csv, pareto.csv and pareto.png to `out_dir`; print the Markdown."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS)]
+    rows = [trial_row(t) for t in trials]
+    front = sorted(
+        (trial_row(t) for t in study.best_trials),
+        key=lambda r: (_number(r["tokens_mean"], float("inf")), r["trial"]),
+    )
+    paths = {
+        "markdown": out / "report.md",
+        "trials": out / "trials.csv",
+        "pareto": out / "pareto.csv",
+        "plot": out / "pareto.png",
+    }
+    _write_csv(paths["trials"], rows)
+    _write_csv(paths["pareto"], front)
+    _plot(paths["plot"], rows, study.study_name)
+    markdown = _markdown(study, trials, rows, front)
+    paths["markdown"].write_text(markdown)
+    if echo:
+        print(markdown)
+    return paths
+
+
+def tokens_ciou_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Completed rows no other row beats on both fewer mean tokens and higher val cIoU."""
+    done = [r for r in rows if r["state"] == "COMPLETE" and _plottable(r)]
+    front: list[dict[str, Any]] = []
+    for r in sorted(done, key=lambda r: (r["tokens_mean"], -r["val_ciou"])):
+        if not front or r["val_ciou"] > front[-1]["val_ciou"]:
+            front.append(r)
+    return front
+
+
+def _markdown(study: optuna.Study, trials, rows, front) -> str:
+    attrs = study.user_attrs
+    objectives = ", ".join(
+        f"{d.name.lower()} {m}"
+        for d, m in zip(study.directions, attrs.get("metrics", ["value"] * len(study.directions)))
+    )
+    counts = {s: sum(t.state == s for t in trials) for s in TrialState}
+    summary = ", ".join(f"{n} {s.name.lower()}" for s, n in counts.items() if n) or "none"
+    lines = [
+        f"# Sweep `{study.study_name}`",
+        "",
+        f"Space `{attrs.get('space', '?')}`; objectives: {objectives}.",
+        f"Trials: {len(trials)} ({summary}).",
+        "",
+        f"## Pareto front ({len(front)} trials)",
+        "",
+        *_table(front),
+        "",
+        "## All trials",
+        "",
+        *_table(rows),
+    ]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    if failed:
+        lines += ["", "## Failed trials", ""]
+        lines += [f"- trial {t.number}: {t.user_attrs.get('error', 'no error recorded')}" for t in failed]
+    lines += ["", "![visual tokens vs val cIoU](pareto.png)", ""]
+    return "\n".join(lines)
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    header = [_LABELS.get(c, c.replace("_ciou", " cIoU").replace("_giou", " gIoU")) for c in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |")
+    return lines
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    done = [r for r in rows if r["state"] == "COMPLETE" and _plottable(r)]
+    for projector in sorted({str(r["projector"]) for r in done}):
+        mine = [r for r in done if str(r["projector"]) == projector]
+        ax.scatter([r["tokens_mean"] for r in mine], [r["val_ciou"] for r in mine], label=projector)
+    front = tokens_ciou_front(rows)
+    if front:
+        ax.step(
+            [r["tokens_mean"] for r in front],
+            [r["val_ciou"] for r in front],
+            where="post",
+            color="black",
+            linewidth=1,
+            label="Pareto front",
+        )
+        ax.set_xscale("log")
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no completed trials", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("visual tokens per image (mean)")
+    ax.set_ylabel("val cIoU")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _plottable(row: dict[str, Any]) -> bool:
+    return _number(row["tokens_mean"], 0) > 0 and _number(row["val_ciou"], None) is not None
+
+
+def _number(value: Any, default: Any) -> Any:
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else default

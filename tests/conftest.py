@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny SynthRef and a tiny SAM checkpoint, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY_SYNTH = dict(train_images=24, val_images=8, testA_images=6, testB_images=6, image_size=64)
+
+
+@pytest.fixture(scope="session")
+def synthref_root(tmp_path_factory) -> Path:
+    from datamodules.synthetic import SynthConfig, generate_synthref
+
+    root = tmp_path_factory.mktemp("synthref_data")
+    generate_synthref(SynthConfig(root=str(root), seed=0, **TINY_SYNTH), progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised small SAM in SAM's own checkpoint format (+ its sidecar config)."""
+    from lightning_modules.sam_builder import SamConfig, build_sam, save_sam
+
+    torch.manual_seed(0)
+    cfg = SamConfig(
+        img_size=64,
+        patch_size=8,
+        encoder_embed_dim=32,
+        encoder_depth=2,
+        encoder_num_heads=2,
+        encoder_global_attn_indexes=[1],
+        window_size=4,
+        prompt_embed_dim=32,
+        mask_in_chans=8,
+        decoder_depth=1,
+        decoder_mlp_dim=64,
+        decoder_num_heads=2,
+        iou_head_hidden_dim=32,
+    )
+    path = tmp_path_factory.mktemp("sam") / "sam_tiny.pth"
+    save_sam(build_sam(cfg), cfg, path)
+    return path
+
+
+def tiny_run_overrides(root: Path, sam: Path, runs: Path, projector: str = "mlp") -> list[str]:
+    """Config overrides for a seconds-long `svp train` on the tiny fixtures."""
+    return [
+        f"projector={projector}",
+        f"data.root={root}",
+        f"runs_root={runs}",
+        f"cache.root={runs / 'cache'}",
+        f"train_sam.out={sam}",
+        "data.batch_size=4",
+        "data.eval_batch_size=8",
+        "data.label_size=32",
+        "llm.hidden_size=32",
+        "llm.intermediate_size=64",
+        "llm.num_attention_heads=2",
+        "llm.num_key_value_heads=2",
+        "mask_decoder.seg_mlp_hidden=32",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+    ]
