@@ -86,8 +86,8 @@ class RISModel(pl.LightningModule):
         for p in self.sam.mask_decoder.parameters():
             p.requires_grad_(bool(cfg.mask_decoder.train_decoder))
 
-        self.tower = build_vision_tower(cfg.vision)
-        self.llm = build_llm(cfg.llm, tokenizer)
+        self.tower = build_vision_tower(OmegaConf.to_object(cfg.vision))
+        self.llm = build_llm(OmegaConf.to_object(cfg.llm), tokenizer)
         hidden = self.llm.get_input_embeddings().embedding_dim
         self.projector = build_projector(cfg.projector, self.tower.out_channels, hidden)
         prompt_dim = self.sam.prompt_encoder.embed_dim
@@ -175,8 +175,12 @@ class RISModel(pl.LightningModule):
         out = self.llm(inputs_embeds=emb, attention_mask=attn, output_hidden_states=True)
         logits = out.logits[:, :-1].float()
         target = text_labels[:, 1:]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                             ignore_index=-100)
+        token_ce = F.cross_entropy(
+            logits.transpose(1, 2), target, ignore_index=-100, reduction="none"
+        )
+        valid = (target != -100).float()
+        ce = (token_ce * valid).sum() / valid.sum().clamp_min(1.0)
+        ce_per_sample = (token_ce * valid).sum(1) / valid.sum(1).clamp_min(1.0)
         hidden = out.hidden_states[-1]
         # The hidden state that predicts [SEG] sits one position before it.
         seg_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), seg_pos - 1]
@@ -194,6 +198,7 @@ class RISModel(pl.LightningModule):
         return {
             "mask_logits": masks,
             "ce": ce,
+            "ce_per_sample": ce_per_sample,
             "num_tokens": proj.mask.sum(1),
             "seq_len": attn.sum(1),
         }

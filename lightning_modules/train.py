@@ -92,6 +92,7 @@ def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list, logger) -> pl.Trai
         "logger": logger if logger is not None else False,
         "default_root_dir": str(run_dir),
         "num_sanity_val_steps": 0,
+        "use_distributed_sampler": False,  # RISDataModule shards the data itself
         "enable_model_summary": False,
     }
     if t.limit_train_batches is not None:
@@ -205,7 +206,10 @@ def evaluate(cfg: DictConfig, ckpt: str | None = None) -> dict[str, Any]:
     trainer = _trainer(cfg, run_dir, [], None)
     results = trainer.test(model, datamodule=dm, verbose=False)
     metrics = _metrics_from(results, list(cfg.data.eval_splits), "test")
-    print(format_metrics(metrics, list(cfg.data.eval_splits)))
+    metrics["checkpoint"] = str(ckpt)
+    if trainer.is_global_zero:
+        print(format_metrics(metrics, list(cfg.data.eval_splits)))
+        _write_json(run_dir / f"eval-{Path(ckpt).stem}.json", metrics)
     return metrics
 
 

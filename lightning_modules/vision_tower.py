@@ -237,12 +237,10 @@ class VisionTower(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.frozen):
             if self.cfg.name == "sam_encoder":
                 return self.model(pixel_values)
-            interpolate = {}
+            kwargs = {"output_hidden_states": True}
             if self.cfg.name == "clip":
-                interpolate["interpolate_pos_encoding"] = (
-                    self.image_size != self.model.config.image_size
-                )
-            out = self.model(pixel_values=pixel_values, output_hidden_states=True, **interpolate)
+                kwargs["interpolate_pos_encoding"] = self.image_size != self.model.config.image_size
+            out = self.model(pixel_values=pixel_values, **kwargs)
             tokens = out.hidden_states[self.cfg.feature_layer][:, self._num_prefix :]
             h, w = self.grid_size
             return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)

@@ -10,6 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from datamodules.errors import ConfigError
+from sweeps.space import override_value
 from sweeps.study import SURPLUS, storage_url
 
 COLUMNS = (
@@ -64,8 +65,11 @@ def load_study(
 
 def trial_row(trial: FrozenTrial) -> dict[str, Any]:
     """One report row: the trial's number and state, then the metrics train_fn returned."""
-    row = {key: trial.user_attrs.get(key) for key in COLUMNS}
-    row.update(trial=trial.number, state=trial.state.name)
+    metrics = trial.user_attrs.get("metrics", {})
+    row = {key: metrics.get(key) for key in COLUMNS}
+    row.update(trial=trial.number, state=trial.state.name, run_dir=trial.user_attrs.get("run_dir"))
+    if row["projector"] is None:
+        row["projector"] = override_value(trial.user_attrs.get("overrides", []), "projector")
     return row
 
 
@@ -130,13 +134,17 @@ def _markdown(study: optuna.Study, trials, rows, front) -> str:
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
         lines += ["", "## Failed trials", ""]
-        lines += [f"- trial {t.number}: {t.user_attrs.get('error', 'no error recorded')}" for t in failed]
+        lines += [
+            f"- trial {t.number}: {t.user_attrs.get('error', 'no error recorded')}" for t in failed
+        ]
     lines += ["", "![visual tokens vs val cIoU](pareto.png)", ""]
     return "\n".join(lines)
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
-    header = [_LABELS.get(c, c.replace("_ciou", " cIoU").replace("_giou", " gIoU")) for c in COLUMNS]
+    header = [
+        _LABELS.get(c, c.replace("_ciou", " cIoU").replace("_giou", " gIoU")) for c in COLUMNS
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |")
@@ -161,6 +169,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)
@@ -180,12 +189,16 @@ def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
             label="Pareto front",
         )
         ax.set_xscale("log")
+        plain = FuncFormatter(lambda x, _: f"{x:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize="x-small")
         ax.legend(fontsize="small")
     else:
         ax.text(0.5, 0.5, "no completed trials", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("visual tokens per image (mean)")
     ax.set_ylabel("val cIoU")
-    ax.set_title(title)
+    ax.set_title(f"{title}: visual tokens vs val cIoU")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

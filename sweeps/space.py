@@ -177,7 +177,9 @@ def _parse_space(data: dict, path: Path) -> SearchSpace:
         )
     for m in metrics:
         if m not in METRICS:
-            raise ConfigError(f"{where}: metrics: unknown '{m}'. Choose from: {', '.join(METRICS)}.")
+            raise ConfigError(
+                f"{where}: metrics: unknown '{m}'. Choose from: {', '.join(METRICS)}."
+            )
     base = _str_list(data.get("base_overrides", []), where, "base_overrides")
     for item in base:
         if "=" not in item:
@@ -286,7 +288,9 @@ def _parse_grid(raw: Any, where: str) -> tuple[tuple[str, ...], ...]:
     configs: list[tuple[str, ...]] = []
     for i, entry in enumerate(raw):
         if not isinstance(entry, dict) or not entry:
-            raise ConfigError(f"{where}: grid[{i}]: expected a mapping such as {{projector: pool}}.")
+            raise ConfigError(
+                f"{where}: grid[{i}]: expected a mapping such as {{projector: pool}}."
+            )
         for key, value in entry.items():
             if not isinstance(value, Scalar):
                 raise ConfigError(f"{where}: grid[{i}].{key}: {value!r} is not a plain value.")

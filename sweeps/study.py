@@ -9,7 +9,8 @@ by one running trial each) and its check races with other workers' trial creatio
 that finds `n_trials` slot holders numbered below it (storages number trials atomically) is a
 *surplus* trial: it is failed before training, marked `surplus`, and ignored by counts and reports.
 Failed trials (train_fn raised) and stale ones (a worker died; no heartbeat for `grace_period` s)
-are re-queued with the same params up to `max_retry` times.
+are re-queued with the same params up to `max_retry` times; trials stopped by Ctrl-C are
+re-queued when the sweep is resumed.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from datamodules.errors import ConfigError
@@ -34,10 +36,16 @@ SURPLUS = "surplus"
 
 @dataclass
 class SweepConfig:
-    """One sweep worker: which space, which study and storage, and its budget."""
+    """One sweep worker: which space, which study and storage, and its budget.
+
+    `overrides` are appended to the space's base overrides of every trial (e.g. `projector=pool`
+    for `tune_lr`); `n_trials` None takes the space's; `timeout_minutes` is this call's wall-time
+    budget (no new trial starts after it); `worker` tells parallel workers' sampler seeds apart.
+    """
 
     name: str = "sweep"
     space: str = "compare_projectors"
+    overrides: list[str] = field(default_factory=list)
     storage: str | None = None
     runs_root: str = "runs"
     n_trials: int | None = None
@@ -57,6 +65,9 @@ class SurplusTrial(Exception):
 class RetryTrialCallback:
     """Re-queue a failed or stale trial with its params, at most `max_retry` times per lineage.
 
+    Trials stopped by Ctrl-C (error `KeyboardInterrupt`) did not fail on their own: they are always
+    re-queued (by `run_sweep` on resume), whatever `max_retry`.
+
     Writes Optuna's `failed_trial` / `retry_history` system attrs, so
     `optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial)` reads them too.
     """
@@ -68,7 +79,7 @@ class RetryTrialCallback:
         if trial.state != TrialState.FAIL or trial.user_attrs.get(SURPLUS):
             return
         history = [*trial.system_attrs.get("retry_history", []), trial.number]
-        if len(history) > self.max_retry:
+        if len(history) > self.max_retry and not _interrupted(trial):
             return
         system_attrs = {**trial.system_attrs, "failed_trial": history[0], "retry_history": history}
         study.add_trial(
@@ -88,14 +99,22 @@ def storage_url(name: str, storage: str | None = None, runs_root: str | Path = "
 
 def slot_holders(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """The trials that count towards `n_trials` (see the module docstring)."""
-    retried = {t.system_attrs["retry_history"][-1] for t in trials if "retry_history" in t.system_attrs}
+    retried = _retried(trials)
     return [t for t in trials if not t.user_attrs.get(SURPLUS) and t.number not in retried]
+
+
+def _retried(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of the trials a later trial re-runs."""
+    return {
+        t.system_attrs["retry_history"][-1] for t in trials if "retry_history" in t.system_attrs
+    }
 
 
 def run_sweep(cfg: SweepConfig, train_fn: TrainFn, progress: bool = True) -> optuna.Study:
     """Create or resume study `cfg.name` and run trials until it holds its `n_trials`."""
     start = time.monotonic()
     space = load_space(cfg.space)
+    space = replace(space, base_overrides=(*space.base_overrides, *cfg.overrides))
     n_trials = cfg.n_trials or space.n_trials
     if space.grid and n_trials > len(space.grid):
         raise ConfigError(
@@ -114,9 +133,7 @@ def run_sweep(cfg: SweepConfig, train_fn: TrainFn, progress: bool = True) -> opt
     )
     _check_same_space(study, cfg, space)
     if existing:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+        _requeue_dead_trials(study, cfg.max_retry)
     objective = _Objective(space, train_fn, Path(cfg.runs_root) / cfg.name, n_trials)
     callbacks = [RetryTrialCallback(cfg.max_retry), _StopWhenFull(n_trials)]
     while (todo := _todo(study, n_trials)) > 0:
@@ -157,7 +174,6 @@ class _Objective:
         run_dir.mkdir(parents=True, exist_ok=True)
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("overrides", overrides)
-        trial.set_user_attr("projector", projector)
         callbacks = []
         if self.space.pruning is not None:
             from sweeps.pruning import OptunaPruningCallback
@@ -167,11 +183,10 @@ class _Objective:
             metrics = self.train_fn(overrides, run_dir, callbacks)
         except optuna.TrialPruned:
             raise
-        except Exception as err:
+        except (Exception, KeyboardInterrupt) as err:
             trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:1000])
             raise
-        for key, value in metrics.items():
-            trial.set_user_attr(key, _plain(value))
+        trial.set_user_attr("metrics", {k: _plain(v) for k, v in metrics.items()})
         missing = [m for m in self.space.metrics if m not in metrics]
         if missing:
             raise KeyError(f"train_fn returned no {missing} (it returned {sorted(metrics)})")
@@ -195,15 +210,41 @@ def _todo(study: optuna.Study, n_trials: int) -> int:
     return max(0, n_trials - len(holders)) + waiting
 
 
+def _interrupted(trial: FrozenTrial) -> bool:
+    return str(trial.user_attrs.get("error", "")).startswith("KeyboardInterrupt")
+
+
+def _requeue_dead_trials(study: optuna.Study, max_retry: int) -> None:
+    """On resume: re-queue trials stopped by Ctrl-C, and stale ones (their worker died)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried(trials)
+    retry = RetryTrialCallback(max_retry)
+    for t in trials:
+        if t.state == TrialState.FAIL and _interrupted(t) and t.number not in retried:
+            retry(study, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def _make_storage(cfg: SweepConfig) -> optuna.storages.RDBStorage:
     url = storage_url(cfg.name, cfg.storage, cfg.runs_root)
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs["connect_args"] = {"timeout": 60}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
+    try:
+        return _open_storage(url, engine_kwargs, cfg)
+    except sqlalchemy.exc.SQLAlchemyError:
+        # Workers starting together race to create the tables; the loser finds them made.
+        time.sleep(1.0)
+        return _open_storage(url, engine_kwargs, cfg)
+
+
+def _open_storage(url: str, engine_kwargs: dict, cfg: SweepConfig) -> optuna.storages.RDBStorage:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
@@ -211,11 +252,11 @@ def _make_storage(cfg: SweepConfig) -> optuna.storages.RDBStorage:
                 grace_period=cfg.grace_period,
                 heartbeat_stale_trial_callback=RetryTrialCallback(cfg.max_retry),
             )
-        except (ValueError, ImportError, optuna.exceptions.StorageInternalError) as err:
-            raise ConfigError(
-                f"sweep.storage: cannot open '{url}' ({err}). Give an RDB URL such as "
-                "sqlite:///runs/study.db or postgresql://user@host/db."
-            ) from err
+    except (ValueError, ImportError, optuna.exceptions.StorageInternalError) as err:
+        raise ConfigError(
+            f"sweep.storage: cannot open '{url}' ({err}). Give an RDB URL such as "
+            "sqlite:///runs/study.db or postgresql://user@host/db."
+        ) from err
 
 
 def _existing_trials(storage: optuna.storages.RDBStorage, name: str) -> int:
@@ -225,10 +266,14 @@ def _existing_trials(storage: optuna.storages.RDBStorage, name: str) -> int:
         return 0
 
 
-def _make_sampler(space: SearchSpace, cfg: SweepConfig, existing: int) -> optuna.samplers.BaseSampler:
+def _make_sampler(
+    space: SearchSpace, cfg: SweepConfig, existing: int
+) -> optuna.samplers.BaseSampler:
     if space.sampler == "grid":
         # Trial number i runs grid point i of a seeded shuffle: every worker must shuffle alike.
-        return optuna.samplers.GridSampler({GRID_PARAM: list(range(len(space.grid)))}, seed=cfg.seed)
+        return optuna.samplers.GridSampler(
+            {GRID_PARAM: list(range(len(space.grid)))}, seed=cfg.seed
+        )
     seed = None
     if cfg.seed is not None:
         # Mix in the worker and the study's size so resumed runs and parallel workers do not

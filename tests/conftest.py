@@ -56,6 +56,7 @@ def tiny_run_overrides(root: Path, sam: Path, runs: Path, projector: str = "mlp"
         f"runs_root={runs}",
         f"cache.root={runs / 'cache'}",
         f"train_sam.out={sam}",
+        "train_sam.sam.img_size=64",
         "data.batch_size=4",
         "data.eval_batch_size=8",
         "data.label_size=32",

@@ -293,3 +293,14 @@ def test_superpixel_geometry():
     thin = geo[0, 2]  # a 1-pixel-wide column: every bin is filled from the bin under its centre
     torch.testing.assert_close(thin[:4], torch.tensor([0, 0.5, 0.125, 0.875]))
     torch.testing.assert_close(thin[7:], torch.ones(4))
+
+
+def test_semantic_all_padding_gives_no_tokens():
+    features = torch.randn(2, IN_DIM, 8, 8)
+    labels = torch.full((2, 32, 32), -1, dtype=torch.long)
+    labels[0, :4] = 0
+    proj = make("semantic")
+    out = proj(features, labels)
+    assert out.tokens.shape == (2, 1, OUT_DIM) and out.mask.tolist() == [[True], [False]]
+    assert proj(features[1:], labels[1:]).tokens.shape == (1, 0, OUT_DIM)
+    assert proj.num_tokens(features, labels).tolist() == [1, 0]

@@ -73,6 +73,8 @@ def test_saved_hf_tower_loads_through_the_same_code(tmp_path, name):
     x = pixels()
     assert torch.allclose(tiny(x), loaded(x), atol=1e-6)
     assert loaded.grid_size == (8, 8) and loaded.config_hash() != tiny.config_hash()
+    larger = build_vision_tower(VisionTowerConfig(name=name, path=str(tmp_path), image_size=160))
+    assert larger(pixels(size=160)).shape == (2, 64, 10, 10)
 
 
 def test_sam_checkpoint_loads_its_image_encoder(tmp_path):

@@ -19,9 +19,9 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from datamodules.errors import ConfigError, DataError
+from datamodules.errors import DataError
 
-from .base import SOURCES, _to_config, build_source
+from .base import SOURCES, build_source, source_config
 from .store import (
     DEFAULT_SHARD_SIZE,
     SuperpixelStore,
@@ -40,6 +40,7 @@ RUNTIME_KEYS = ("device",)
 class ImageDataset(Protocol):
     """What precompute needs of a `ReferDataset`."""
 
+    root: Path
     dataset: str
     split_by: str
     image_ids: Sequence[Hashable]
@@ -51,12 +52,7 @@ class ImageDataset(Protocol):
 
 def resolve_source_config(source_cfg: Any) -> dict[str, Any]:
     """The full source config (every field, defaults filled in) as a plain dict."""
-    name = source_cfg.get("name") if isinstance(source_cfg, Mapping) else source_cfg.name
-    if name not in SOURCES:
-        raise ConfigError(
-            f"unknown superpixels.name {name!r}; choose one of {', '.join(sorted(SOURCES))}"
-        )
-    return asdict(_to_config(SOURCES[name], source_cfg))
+    return asdict(source_config(source_cfg))
 
 
 def source_identity(source_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -71,9 +67,10 @@ def source_identity(source_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def data_key_for(datasets: Sequence[ImageDataset]) -> dict[str, Any]:
-    """What defines the images: the datasets (name/split_by) and the exact set of image ids."""
+    """What defines the images: data roots, datasets (name/split_by) and the exact image ids."""
     ids = sorted({i for ds in datasets for i in ds.image_ids})
     return {
+        "roots": sorted({str(Path(ds.root).resolve()) for ds in datasets}),
         "datasets": sorted({f"{ds.dataset}/{ds.split_by}" for ds in datasets}),
         "num_images": len(ids),
         "image_ids_sha256": config_hash({"image_ids": ids}),

@@ -23,7 +23,7 @@ from datamodules.synthref.grammar import (
     Relation,
     parse_expression,
 )
-from datamodules.synthref.scene import Scene, SceneObject
+from datamodules.synthref.scene import Extent, Scene, SceneObject
 
 NO, MAYBE, YES = 0, 1, 2
 MARGIN = 0.08  # centroid gap, as a fraction of the image side, that makes an order clear
@@ -33,17 +33,28 @@ ATTRIBUTES = ("size", "texture", "color", "shape")
 TYPE_WEIGHTS = {"attribute": 1.0, "position": 1.0, "ordinal": 0.7, "relation": 1.2}
 
 
-def _ahead(a: SceneObject, b: SceneObject, direction: str, margin: float) -> bool:
-    """`a` is clearly further towards `direction` than `b`: centroids and both edges agree."""
-    ax0, ay0, ax1, ay1 = a.bbox
-    bx0, by0, bx1, by1 = b.bbox
+def _agree(values) -> int:
+    """One verdict from several views: theirs if they agree, else borderline."""
+    values = set(values)
+    return values.pop() if len(values) == 1 else MAYBE
+
+
+def _ahead_in(a: Extent, b: Extent, direction: str, margin: float) -> bool:
+    """Centroids at least `margin` apart and both edges in the same order."""
     if direction == "left":
-        return b.cx - a.cx >= margin and ax0 <= bx0 and ax1 <= bx1
+        return b.cx - a.cx >= margin and a.x0 <= b.x0 and a.x1 <= b.x1
     if direction == "right":
-        return a.cx - b.cx >= margin and ax0 >= bx0 and ax1 >= bx1
+        return a.cx - b.cx >= margin and a.x0 >= b.x0 and a.x1 >= b.x1
     if direction == "top":
-        return b.cy - a.cy >= margin and ay0 <= by0 and ay1 <= by1
-    return a.cy - b.cy >= margin and ay0 >= by0 and ay1 >= by1
+        return b.cy - a.cy >= margin and a.y0 <= b.y0 and a.y1 <= b.y1
+    return a.cy - b.cy >= margin and a.y0 >= b.y0 and a.y1 >= b.y1
+
+
+def _ahead(a: SceneObject, b: SceneObject, direction: str, margin: float) -> bool:
+    """`a` is clearly further towards `direction` than `b`, seen and whole shapes alike."""
+    return _ahead_in(a.seen, b.seen, direction, margin) and _ahead_in(
+        a.whole, b.whole, direction, margin
+    )
 
 
 def _rank_truths(objs: list[SceneObject], rank: int, direction: str, margin: float) -> list[int]:
@@ -62,18 +73,18 @@ def _rank_truths(objs: list[SceneObject], rank: int, direction: str, margin: flo
 
 def _lone_truth(obj: SceneObject, direction: str, scene: Scene) -> int:
     """A single candidate is "on the left" only if it actually lies on the left of the image."""
-    if direction in ("left", "right"):
-        frac = obj.cx / scene.width
-    else:
-        frac = obj.cy / scene.height
-    if direction in ("right", "bottom"):
-        frac = 1 - frac
-    return YES if frac <= LONE_YES else NO if frac >= LONE_NO else MAYBE
+    verdicts = []
+    for e in (obj.seen, obj.whole):
+        frac = e.cx / scene.width if direction in ("left", "right") else e.cy / scene.height
+        if direction in ("right", "bottom"):
+            frac = 1 - frac
+        verdicts.append(YES if frac <= LONE_YES else NO if frac >= LONE_NO else MAYBE)
+    return _agree(verdicts)
 
 
-def relation_truth(target: SceneObject, anchor: SceneObject, relation: str, margin: float) -> int:
-    """Truth of "target lies `relation` of anchor" (above, below, left, right)."""
-    dx, dy = target.cx - anchor.cx, target.cy - anchor.cy
+def _relation_in(t: Extent, a: Extent, relation: str, margin: float) -> int:
+    """Clear: ahead of the anchor within a narrow cone; clearly not: behind it or far off-axis."""
+    dx, dy = t.cx - a.cx, t.cy - a.cy
     along, across = {
         "above": (-dy, abs(dx)),
         "below": (dy, abs(dx)),
@@ -81,11 +92,19 @@ def relation_truth(target: SceneObject, anchor: SceneObject, relation: str, marg
         "right": (dx, abs(dy)),
     }[relation]
     direction = {"above": "top", "below": "bottom"}.get(relation, relation)
-    if _ahead(target, anchor, direction, margin) and across <= CONE_YES * along:
+    if _ahead_in(t, a, direction, margin) and across <= CONE_YES * along:
         return YES
     if along <= 0 or across >= CONE_NO * along:
         return NO
     return MAYBE
+
+
+def relation_truth(target: SceneObject, anchor: SceneObject, relation: str, margin: float) -> int:
+    """Truth of "target lies `relation` of anchor" (above, below, left, right)."""
+    return _agree(
+        _relation_in(t, a, relation, margin)
+        for t, a in ((target.seen, anchor.seen), (target.whole, anchor.whole))
+    )
 
 
 def expression_truths(scene: Scene, expression: Expression | str) -> list[int]:
@@ -189,7 +208,11 @@ def _candidates(
 
 
 def _pick(
-    scene: Scene, target: int, count: int, pools: dict[str, list[Expression]], rng
+    scene: Scene,
+    target: int,
+    count: int,
+    pools: dict[str, list[Expression]],
+    rng: np.random.Generator,
 ) -> list[Expression]:
     """Up to `count` unambiguous expressions, preferring a different kind for each."""
     kinds = [k for k in TYPE_WEIGHTS if pools[k]]

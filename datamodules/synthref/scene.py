@@ -19,7 +19,7 @@ from datamodules.synthref.drawing import (
     shape_radius,
 )
 
-MIN_VISIBLE_FRACTION = 0.5
+MIN_VISIBLE_FRACTION = 0.6
 SAME_COLOR_GAP = 2
 PLACEMENT_TRIES = 60
 TEXTURE_WEIGHTS = (0.4, 0.2, 0.2, 0.2)
@@ -37,38 +37,76 @@ class Placement:
     cx: float
     cy: float
 
+    def outline(self, image_size: int) -> list[float]:
+        return shape_polygon(self.shape, self.cx, self.cy, shape_radius(self.size, image_size))
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Centroid and bounding box (x1, y1 exclusive) of a non-empty mask, in pixels."""
+
+    cx: float
+    cy: float
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> Extent:
+        ys, xs = np.nonzero(mask)
+        return cls(
+            float(xs.mean()) + 0.5,
+            float(ys.mean()) + 0.5,
+            int(xs.min()),
+            int(ys.min()),
+            int(xs.max()) + 1,
+            int(ys.max()) + 1,
+        )
+
 
 @dataclass
 class SceneObject:
-    """An object as seen: attributes, visible mask and the geometry the resolver reasons with."""
+    """An object: attributes, whole outline, visible mask, and the extents of both.
 
-    shape: str
-    color: str
-    size: str
-    texture: str
+    Spatial words are judged on the visible part (`seen`) and on the whole shape a person
+    completes behind occluders (`whole`); an order is clear only when both agree.
+    """
+
+    placement: Placement
+    polygon: list[float]
+    full: np.ndarray
     visible: np.ndarray
-    polygon: list[float] | None = None
-    full: np.ndarray | None = None
     area: int = field(init=False)
-    cx: float = field(init=False)
-    cy: float = field(init=False)
-    bbox: tuple[int, int, int, int] = field(init=False)
+    seen: Extent = field(init=False)
+    whole: Extent = field(init=False)
 
     def __post_init__(self) -> None:
-        ys, xs = np.nonzero(self.visible)
-        if xs.size == 0:
+        self.area = int(self.visible.sum())
+        if self.area == 0:
             raise DataError(f"a SynthRef {self.color} {self.shape} has an empty mask")
-        self.area = int(xs.size)
-        self.cx, self.cy = float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
-        self.bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        self.seen, self.whole = Extent.of(self.visible), Extent.of(self.full)
+
+    shape = property(lambda self: self.placement.shape)
+    color = property(lambda self: self.placement.color)
+    size = property(lambda self: self.placement.size)
+    texture = property(lambda self: self.placement.texture)
 
     @property
     def occluded(self) -> bool:
-        return self.full is not None and not np.array_equal(self.full, self.visible)
+        return not np.array_equal(self.full, self.visible)
 
     @property
-    def attributes(self) -> dict[str, str]:
-        return {name: getattr(self, name) for name in ("shape", "color", "size", "texture")}
+    def attributes(self) -> dict:
+        """What `instances.json` keeps per annotation to rebuild the object."""
+        p = self.placement
+        return {
+            "shape": p.shape,
+            "color": p.color,
+            "size": p.size,
+            "texture": p.texture,
+            "center": [p.cx, p.cy],
+        }
 
 
 @dataclass
@@ -82,9 +120,7 @@ class Scene:
 
 def compose_scene(placements: list[Placement], image_size: int) -> Scene:
     """Rasterise placements bottom to top; each object's visible mask is what nothing covers."""
-    polygons = [
-        shape_polygon(p.shape, p.cx, p.cy, shape_radius(p.size, image_size)) for p in placements
-    ]
+    polygons = [p.outline(image_size) for p in placements]
     fulls = [rasterize_polygon(poly, image_size, image_size) for poly in polygons]
     covered = np.zeros((image_size, image_size), dtype=bool)
     visibles = []
@@ -92,7 +128,7 @@ def compose_scene(placements: list[Placement], image_size: int) -> Scene:
         visibles.append(full & ~covered)
         covered |= full
     objects = [
-        SceneObject(p.shape, p.color, p.size, p.texture, vis, poly, full)
+        SceneObject(p, poly, full, vis)
         for p, poly, full, vis in zip(placements, polygons, fulls, reversed(visibles))
     ]
     return Scene(image_size, image_size, objects)
@@ -121,7 +157,8 @@ def _random_placement(
     size = str(rng.choice(SIZES))
     texture = str(rng.choice(TEXTURES, p=TEXTURE_WEIGHTS))
     reach = shape_radius(size, image_size) * UNIT_EXTENT + 1
-    cx, cy = rng.uniform(reach, image_size - reach, size=2)
+    # Centres rounded to 0.01 px so the outline rebuilt from instances.json is the same polygon.
+    cx, cy = np.round(rng.uniform(reach, image_size - reach, size=2), 2)
     return Placement(shape, color, size, texture, float(cx), float(cy))
 
 
@@ -133,8 +170,7 @@ def _try_scene(rng: np.random.Generator, count: int, image_size: int) -> list[Pl
     for _ in range(count):
         for _ in range(PLACEMENT_TRIES):
             p = _random_placement(rng, image_size, placed)
-            polygon = shape_polygon(p.shape, p.cx, p.cy, shape_radius(p.size, image_size))
-            full = rasterize_polygon(polygon, image_size, image_size)
+            full = rasterize_polygon(p.outline(image_size), image_size, image_size)
             same = [i for i, q in enumerate(placed) if q.color == p.color]
             if same:
                 halo = _dilate(full, SAME_COLOR_GAP)
@@ -155,7 +191,7 @@ def _try_scene(rng: np.random.Generator, count: int, image_size: int) -> list[Pl
 
 
 def sample_scene(rng: np.random.Generator, count: int, image_size: int) -> Scene:
-    """A random scene of `count` clearly visible objects (at least half of each object shows)."""
+    """A random scene of `count` clearly visible objects (at least 60% of each one shows)."""
     for _ in range(100):
         placements = _try_scene(rng, count, image_size)
         if placements is not None:
@@ -178,7 +214,9 @@ def decode_segmentation(segmentation: list | dict, height: int, width: int) -> n
 
 
 def scene_from_annotations(annotations: list[dict], height: int, width: int) -> Scene:
-    """Rebuild a scene from one image's SynthRef annotations (their `attributes` and masks)."""
+    """Rebuild a scene from one image's SynthRef annotations (`attributes` and masks)."""
+    if height != width:
+        raise DataError(f"SynthRef images are square; got {height}x{width}")
     objects = []
     for ann in sorted(annotations, key=lambda a: a["id"]):
         if "attributes" not in ann:
@@ -186,13 +224,12 @@ def scene_from_annotations(annotations: list[dict], height: int, width: int) -> 
                 f"annotation {ann['id']} has no 'attributes'; only SynthRef annotations describe "
                 "scenes (regenerate with `svp synth --overwrite`)"
             )
-        seg = ann["segmentation"]
-        polygon = seg[0] if isinstance(seg, list) else None
-        objects.append(
-            SceneObject(
-                **ann["attributes"],
-                visible=decode_segmentation(seg, height, width),
-                polygon=polygon,
-            )
+        attrs = ann["attributes"]
+        placement = Placement(
+            attrs["shape"], attrs["color"], attrs["size"], attrs["texture"], *attrs["center"]
         )
+        polygon = placement.outline(width)
+        full = rasterize_polygon(polygon, height, width)
+        visible = decode_segmentation(ann["segmentation"], height, width)
+        objects.append(SceneObject(placement, polygon, full, visible))
     return Scene(height, width, objects)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 import shutil
@@ -83,14 +84,14 @@ def _segmentation(obj) -> list | dict:
 
 
 def _annotation(obj, ann_id: int, image_id: int) -> dict:
-    x0, y0, x1, y1 = obj.bbox
+    e = obj.seen
     return {
         "id": ann_id,
         "image_id": image_id,
         "category_id": SHAPES.index(obj.shape) + 1,
         "segmentation": _segmentation(obj),
         "area": obj.area,
-        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "bbox": [e.x0, e.y0, e.x1 - e.x0, e.y1 - e.y0],
         "iscrowd": 0,
         "attributes": obj.attributes,
     }
@@ -111,55 +112,44 @@ def _image(cfg: SynthConfig, split: str, index: int) -> tuple[Scene, np.ndarray,
     return scene, pixels, refs
 
 
+def _ref(ref_id: int, ann: dict, split: str, sent_ids: list[int], texts: list[str], file_name):
+    return {
+        "ref_id": ref_id,
+        "ann_id": ann["id"],
+        "image_id": ann["image_id"],
+        "category_id": ann["category_id"],
+        "split": split,
+        "sentences": [
+            {"sent_id": s, "sent": t, "raw": t, "tokens": t.split()}
+            for s, t in zip(sent_ids, texts)
+        ],
+        "sent_ids": sent_ids,
+        "file_name": file_name,
+    }
+
+
 def _write(cfg: SynthConfig, out: Path, progress: bool) -> None:
     paths = synthref_paths(out)
     paths["annotations"].mkdir(parents=True)
     paths["images"].mkdir(parents=True)
     images, annotations, refs = [], [], []
-    image_id = ann_id = ref_id = sent_id = 0
-    with tqdm(
-        total=sum(cfg.split_images().values()), desc="SynthRef", unit="img", disable=not progress
-    ) as bar:
+    ann_ids, ref_ids, sent_ids = itertools.count(1), itertools.count(1), itertools.count(1)
+    total = sum(cfg.split_images().values())
+    with tqdm(total=total, desc="SynthRef", unit="img", disable=not progress) as bar:
         for split, count in cfg.split_images().items():
             for index in range(count):
                 scene, pixels, image_refs = _image(cfg, split, index)
-                image_id += 1
+                image_id = len(images) + 1
                 file_name = f"{DATASET}_{image_id:06d}.png"
-                Image.fromarray(pixels).save(
-                    paths["images"] / file_name, format="PNG", compress_level=1
-                )
-                images.append(
-                    {
-                        "id": image_id,
-                        "file_name": file_name,
-                        "height": scene.height,
-                        "width": scene.width,
-                    }
-                )
-                ann_ids = []
-                for obj in scene.objects:
-                    ann_id += 1
-                    ann_ids.append(ann_id)
-                    annotations.append(_annotation(obj, ann_id, image_id))
+                path = paths["images"] / file_name
+                Image.fromarray(pixels).save(path, format="PNG", compress_level=1)
+                h, w = scene.height, scene.width
+                images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
+                anns = [_annotation(obj, next(ann_ids), image_id) for obj in scene.objects]
+                annotations += anns
                 for target, texts in image_refs:
-                    ref_id += 1
-                    sent_ids = list(range(sent_id + 1, sent_id + 1 + len(texts)))
-                    sent_id += len(texts)
-                    refs.append(
-                        {
-                            "ref_id": ref_id,
-                            "ann_id": ann_ids[target],
-                            "image_id": image_id,
-                            "category_id": SHAPES.index(scene.objects[target].shape) + 1,
-                            "split": split,
-                            "sentences": [
-                                {"sent_id": s, "sent": t, "raw": t, "tokens": t.split()}
-                                for s, t in zip(sent_ids, texts)
-                            ],
-                            "sent_ids": sent_ids,
-                            "file_name": file_name,
-                        }
-                    )
+                    ids = [next(sent_ids) for _ in texts]
+                    refs.append(_ref(next(ref_ids), anns[target], split, ids, texts, file_name))
                 bar.update()
     instances = {
         "info": {

@@ -278,9 +278,9 @@ class SemanticProjector(Projector):
         cfg = self.cfg
         labels, counts = order_superpixels(labels, cfg.max_tokens, cfg.ordering, h)
         k = int(counts.max()) if counts.numel() else 0
-        if k == 0:
-            return ProjectorOutput(features.new_zeros(len(features), 0, self.out_dim), counts > 0)
         mask = torch.arange(k, device=features.device) < counts[:, None]
+        if k == 0:
+            return ProjectorOutput(features.new_zeros(*mask.shape, self.out_dim), mask)
         cov = superpixel_coverage(labels, k, h, w).to(features.dtype)
         patches = features.flatten(2).transpose(1, 2)
         tokens = self.proj(self.pool(patches, cov))

@@ -1,0 +1,154 @@
+"""The RIS model end to end on tiny fixtures: padding invariance, every projector trains, DDP eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_run_overrides
+
+from datamodules.refer import ReferDataset
+from datamodules.ris import PromptEncoder, RISCollate, resize_labels
+from datamodules.superpixels import SOURCES
+from lightning_modules.config import load_config
+from lightning_modules.mask_decoding import dice_loss
+from lightning_modules.projectors import PROJECTORS
+from lightning_modules.ris_model import RISModel
+from lightning_modules.tokenizer_setup import tokenizer_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cfg(root, sam, runs, projector="semantic", extra=()):
+    return load_config([*tiny_run_overrides(root, sam, runs, projector), *extra])
+
+
+def _items(root, k_values):
+    ds = ReferDataset(str(root), "synthref", "unc", "val")
+    items = []
+    for i, k in enumerate(k_values):
+        item = dict(ds[i * 3])
+        grid = SOURCES["grid"]({"name": "grid", "k": k})
+        labels = grid(item["image"])
+        item["superpixels"] = labels
+        item["labels"] = resize_labels(labels, 32)
+        items.append(item)
+    return items
+
+
+def test_padding_invariance(synthref_root, tiny_sam_checkpoint, tmp_path):
+    torch.manual_seed(0)
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path)
+    tok = tokenizer_for(cfg)
+    model = RISModel(cfg, tok).eval()
+    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
+    items = _items(synthref_root, [2, 5, 3])
+    with torch.no_grad():
+        alone = model(collate(items[:1]))
+        batched = model(collate(items))
+    assert batched["num_tokens"].tolist() == [4, 25, 9]
+    assert alone["num_tokens"].tolist() == [4]
+    torch.testing.assert_close(
+        alone["mask_logits"][0], batched["mask_logits"][0], atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        alone["ce_per_sample"][0], batched["ce_per_sample"][0], atol=1e-5, rtol=0
+    )
+    gt = torch.from_numpy(items[0]["mask"]).float()
+    for fn in (F.binary_cross_entropy_with_logits, dice_loss):
+        torch.testing.assert_close(
+            fn(alone["mask_logits"][0], gt), fn(batched["mask_logits"][0], gt), atol=1e-5, rtol=0
+        )
+
+
+def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, tmp_path):
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path)
+    tok = tokenizer_for(cfg)
+    model = RISModel(cfg, tok).eval()
+    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
+    batch = collate(_items(synthref_root, [2, 4]))
+    with torch.no_grad():
+        out = model(batch)
+    text = batch["text_lengths"]
+    # each sample's LLM sequence = its text minus the <image> token plus its own visual tokens
+    assert out["seq_len"].tolist() == (text - 1 + out["num_tokens"]).tolist()
+    assert [m.shape for m in out["mask_logits"]] == [m.shape for m in batch["masks"]]
+
+
+@pytest.mark.parametrize("projector", sorted(PROJECTORS))
+def test_train_fast_dev_run_every_projector(projector, synthref_root, tiny_sam_checkpoint, tmp_path):
+    from lightning_modules.train import train
+
+    cfg = _cfg(
+        synthref_root,
+        tiny_sam_checkpoint,
+        tmp_path,
+        projector,
+        ["trainer.fast_dev_run=true", "superpixels=grid", "superpixels.k=4"],
+    )
+    metrics = train(cfg)
+    run = Path(metrics["run_dir"])
+    assert (run / "config.yaml").is_file() and (run / "metrics.json").is_file()
+    for split in ("val", "testA", "testB"):
+        assert 0.0 <= metrics[f"{split}_ciou"] <= 1.0
+        assert 0.0 <= metrics[f"{split}_giou"] <= 1.0
+    assert metrics["tokens_mean"] > 0
+    if projector == "semantic":
+        assert metrics["tokens_mean"] <= 16
+
+
+def _event_tags(log_dir: str) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir, size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    return set(tags["scalars"]) | set(tags["images"])
+
+
+def test_train_resume_eval_and_tensorboard(synthref_root, tiny_sam_checkpoint, tmp_path):
+    """Two epochs with TensorBoard curves, resume from last, then 1-process vs 2-process eval."""
+    from lightning_modules.train import train
+
+    extra = ["trainer.limit_train_batches=2", "superpixels=grid", "superpixels.k=4"]
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, "semantic", extra)
+    metrics = train(cfg)
+    tags = _event_tags(metrics["tensorboard"])
+    for tag in ("train/loss", "val/val/ciou", "val/testB/giou", "val/val/tokens_mean",
+                "val/predictions"):
+        assert tag in tags, (tag, sorted(tags))
+    hparams = Path(metrics["tensorboard"]).glob("events.*")
+    assert any(hparams)
+
+    resumed = train(_cfg(synthref_root, tiny_sam_checkpoint, tmp_path, "semantic",
+                         [*extra, "trainer.max_epochs=2", "ckpt_path=last"]))
+    ckpt = torch.load(Path(resumed["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["epoch"] == 1
+
+    config = Path(metrics["run_dir"]) / "config.yaml"
+    results = {}
+    for trainer in ("cpu", "ddp_cpu"):
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.run(
+            [sys.executable, "-m", "lightning_modules.cli", "eval", "--config", str(config),
+             f"trainer={trainer}", "trainer.enable_progress_bar=false",
+             "--ckpt", str(Path(metrics["run_dir"]) / "checkpoints" / "last.ckpt")],
+            capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[trainer] = json.loads((Path(metrics["run_dir"]) / "eval-last.json").read_text())
+    for split in ("val", "testA", "testB"):
+        assert results["cpu"][f"{split}_ciou"] == pytest.approx(
+            results["ddp_cpu"][f"{split}_ciou"], abs=1e-6
+        )
+        assert results["cpu"][f"{split}_giou"] == pytest.approx(
+            results["ddp_cpu"][f"{split}_giou"], abs=1e-6
+        )
+        assert np.isfinite(results["cpu"][f"{split}_tokens_mean"])

@@ -1,0 +1,383 @@
+"""Sweeps with a fake train_fn: studies, resuming, parallel workers, failures, pruning, reports."""
+
+from __future__ import annotations
+
+import csv
+import math
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from datamodules.errors import ConfigError
+from sweeps import SweepConfig, load_space, load_study, pareto_report, run_sweep, suggest
+from sweeps.space import GRID_PARAM, override_value
+from sweeps.study import SURPLUS, _Objective, slot_holders
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+BUDGET_KEYS = {
+    "pool": "projector.k",
+    "c_abstractor": "projector.k",
+    "ldpv2": "projector.k",
+    "resampler": "projector.num_queries",
+    "tokenpacker": "projector.s",
+    "semantic": "projector.max_tokens",
+}
+SMALL_GRID = """
+base_overrides: [preset=tiny]
+grid:
+  - {projector: mlp}
+  - {projector: pool, projector.k: 2}
+  - {projector: pool, projector.k: 4}
+  - {projector: resampler, projector.num_queries: 8}
+  - {projector: semantic, projector.max_tokens: 16}
+  - {projector: semantic, projector.max_tokens: 32}
+"""
+
+
+def fake_train(overrides: list[str], run_dir: Path, callbacks: list) -> dict:
+    """Deterministic metrics from the overrides: cIoU rises with the visual-token count."""
+    projector = override_value(overrides, "projector") or "semantic"
+    budget = override_value(overrides, BUDGET_KEYS.get(projector, "-"))
+    if projector in ("pool", "c_abstractor", "ldpv2"):
+        tokens = float(budget or 4) ** 2
+    elif projector == "tokenpacker":
+        tokens = (8 / float(budget or 2)) ** 2
+    elif projector == "mlp":
+        tokens = 64.0
+    else:
+        tokens = float(budget or 16) * (0.75 if projector == "semantic" else 1.0)
+    lr = float(override_value(overrides, "optim.lr") or 1e-3)
+    ciou = 0.2 + 0.08 * math.log2(tokens) - 0.01 * abs(math.log10(lr) + 3)
+    (run_dir / "done.txt").write_text(" ".join(overrides))
+    return {
+        "val_ciou": ciou,
+        "val_giou": ciou + 0.02,
+        "testA_ciou": ciou + 0.05,
+        "testA_giou": ciou + 0.06,
+        "testB_ciou": ciou - 0.05,
+        "testB_giou": ciou - 0.04,
+        "tokens_mean": tokens,
+        "tokens_p95": tokens,
+        "train_minutes": 0.01,
+        "projector": projector,
+        "token_budget": f"{BUDGET_KEYS.get(projector, 'n')}={budget}",
+    }
+
+
+def _cfg(tmp_path: Path, space: str | Path, **kw) -> SweepConfig:
+    return SweepConfig(name="s", space=str(space), runs_root=str(tmp_path / "runs"), **kw)
+
+
+def _space_file(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _configs(study: optuna.Study, state: TrialState = TrialState.COMPLETE) -> list[tuple]:
+    return [tuple(t.user_attrs["overrides"]) for t in study.get_trials(states=(state,))]
+
+
+def test_multi_objective_study_and_report(tmp_path, capsys):
+    study = run_sweep(_cfg(tmp_path, "compare_projectors", n_trials=3), fake_train, progress=False)
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    for t in trials:
+        run_dir = Path(t.user_attrs["run_dir"])
+        metrics = t.user_attrs["metrics"]
+        assert run_dir.name == f"trial-{t.number:04d}-{metrics['projector']}"
+        assert (run_dir / "done.txt").read_text() == " ".join(t.user_attrs["overrides"])
+        assert t.values == [metrics["val_ciou"], metrics["tokens_mean"]]
+        assert t.user_attrs["overrides"][0] == "preset=tiny"
+
+    paths = pareto_report(study, tmp_path / "report")
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths.values())
+    with paths["trials"].open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["trial"]) for r in rows] == [0, 1, 2]
+    assert {r["state"] for r in rows} == {"COMPLETE"}
+    assert float(rows[0]["val_ciou"]) == pytest.approx(trials[0].user_attrs["metrics"]["val_ciou"])
+    with paths["pareto"].open() as f:
+        front = {int(r["trial"]) for r in csv.DictReader(f)}
+    assert front == {t.number for t in study.best_trials}
+    markdown = paths["markdown"].read_text()
+    assert "## Pareto front" in markdown and "| val cIoU | val gIoU |" in markdown
+    assert markdown.strip() in capsys.readouterr().out
+
+
+def test_resume_adds_missing_trials(tmp_path):
+    first = run_sweep(_cfg(tmp_path, "compare_projectors", n_trials=3), fake_train, progress=False)
+    params = [t.params for t in first.trials]
+    study = run_sweep(_cfg(tmp_path, "compare_projectors", n_trials=5), fake_train, progress=False)
+    assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert [t.params for t in study.trials[:3]] == params
+    again = run_sweep(_cfg(tmp_path, "compare_projectors", n_trials=5), fake_train, progress=False)
+    assert len(again.trials) == 5
+
+
+def test_resume_with_another_space_is_an_error(tmp_path):
+    run_sweep(_cfg(tmp_path, "compare_projectors", n_trials=1), fake_train, progress=False)
+    with pytest.raises(ConfigError, match="compare_projectors"):
+        run_sweep(_cfg(tmp_path, "tune_lr", n_trials=1), fake_train, progress=False)
+
+
+def test_grid_runs_each_config_once(tmp_path):
+    space = load_space("compare_grid")
+    study = run_sweep(_cfg(tmp_path, "compare_grid"), fake_train, progress=False)
+    expected = sorted(space.base_overrides + g for g in space.grid)
+    assert sorted(_configs(study)) == expected
+    assert len(study.trials) == len(space.grid)
+    run_sweep(_cfg(tmp_path, "compare_grid"), fake_train, progress=False)
+    assert len(study.trials) == len(space.grid)
+
+
+def _worker(cfg: SweepConfig) -> None:
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+    def slow_train(overrides, run_dir, callbacks):
+        time.sleep(0.05)
+        return fake_train(overrides, run_dir, callbacks)
+
+    run_sweep(cfg, slow_train, progress=False)
+
+
+@pytest.mark.parametrize("sampler", ["grid", "random"])
+def test_two_workers_share_the_trials(tmp_path, sampler):
+    text = SMALL_GRID
+    if sampler == "random":
+        text = "sampler: random\nn_trials: 6\nparams:\n  x: {float: [0.0, 1.0]}\n"
+    space = _space_file(tmp_path, text)
+    ctx = mp.get_context("spawn")
+    workers = [
+        ctx.Process(target=_worker, args=(_cfg(tmp_path, space, worker=i),)) for i in range(2)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    study = load_study("s", runs_root=tmp_path / "runs")
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 6
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    assert all(t.user_attrs.get(SURPLUS) for t in study.trials if t.state != TrialState.COMPLETE)
+    assert len(set(_configs(study))) == 6
+    if sampler == "grid":
+        assert {t.params[GRID_PARAM] for t in done} == set(range(6))
+
+
+def test_failed_trial_is_recorded_retried_and_the_study_goes_on(tmp_path):
+    space = _space_file(tmp_path, SMALL_GRID)
+    failures = []
+
+    def flaky(overrides, run_dir, callbacks):
+        if "projector=resampler" in overrides and not failures:
+            failures.append(run_dir)
+            raise RuntimeError("out of memory")
+        return fake_train(overrides, run_dir, callbacks)
+
+    study = run_sweep(_cfg(tmp_path, space), flaky, progress=False)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1 and failed[0].user_attrs["error"] == "RuntimeError: out of memory"
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == failed[0].params
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6
+    assert len(set(_configs(study))) == 6
+    report = pareto_report(study, tmp_path / "report", echo=False)
+    assert "RuntimeError: out of memory" in report["markdown"].read_text()
+
+
+def test_failed_trial_without_retry_stays_failed(tmp_path):
+    space = _space_file(tmp_path, SMALL_GRID)
+
+    def broken_pool(overrides, run_dir, callbacks):
+        if "projector=pool" in overrides:
+            raise ValueError("bad budget")
+        return fake_train(overrides, run_dir, callbacks)
+
+    study = run_sweep(_cfg(tmp_path, space, max_retry=0), broken_pool, progress=False)
+    assert len(study.trials) == 6
+    assert len(study.get_trials(states=(TrialState.FAIL,))) == 2
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+
+
+def test_trial_interrupted_by_ctrl_c_reruns_on_resume(tmp_path):
+    space = _space_file(tmp_path, SMALL_GRID)
+    calls = []
+
+    def interrupted_once(overrides, run_dir, callbacks):
+        calls.append(overrides)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fake_train(overrides, run_dir, callbacks)
+
+    cfg = _cfg(tmp_path, space, max_retry=0)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(cfg, interrupted_once, progress=False)
+    study = run_sweep(cfg, interrupted_once, progress=False)
+    assert [t.state for t in study.trials[:2]] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert study.trials[2].params == study.trials[1].params
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6
+    assert len(set(_configs(study))) == 6
+
+
+def _dying_worker(cfg: SweepConfig) -> None:
+    optuna.logging.set_verbosity(optuna.logging.CRITICAL)
+    run_sweep(cfg, lambda overrides, run_dir, callbacks: os._exit(3), progress=False)
+
+
+def test_stale_trial_of_a_dead_worker_is_retried(tmp_path):
+    space = _space_file(tmp_path, SMALL_GRID)
+    cfg = _cfg(tmp_path, space, heartbeat_interval=1, grace_period=1)
+    dead = mp.get_context("spawn").Process(target=_dying_worker, args=(cfg,))
+    dead.start()
+    dead.join(60)
+    assert dead.exitcode == 3
+    time.sleep(2.5)
+    study = run_sweep(cfg, fake_train, progress=False)
+    stale = study.trials[0]
+    assert stale.state == TrialState.FAIL
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6
+    assert len(set(_configs(study))) == 6
+    assert any(t.system_attrs.get("failed_trial") == 0 for t in study.trials)
+
+
+def test_surplus_trial_is_failed_before_training_and_ignored(tmp_path):
+    cfg = _cfg(tmp_path, "compare_projectors", n_trials=1)
+    study = run_sweep(cfg, fake_train, progress=False)
+    objective = _Objective(load_space("compare_projectors"), fake_train, tmp_path / "x", 1)
+    study.optimize(objective, n_trials=1, catch=(Exception,))
+    late = study.trials[-1]
+    assert late.state == TrialState.FAIL and late.user_attrs[SURPLUS] and not late.params
+    assert not (tmp_path / "x").exists()
+    assert len(slot_holders(study.trials)) == 1
+    report = pareto_report(study, tmp_path / "report", echo=False)
+    with report["trials"].open() as f:
+        assert len(list(csv.DictReader(f))) == 1
+
+
+def test_suggest_samples_conditional_params():
+    space = load_space("compare_projectors")
+    study = optuna.create_study(
+        directions=list(space.directions), sampler=optuna.samplers.RandomSampler(seed=0)
+    )
+    seen = set()
+    for _ in range(60):
+        overrides = suggest(study.ask(), space)
+        keys = [o.split("=")[0] for o in overrides]
+        projector = override_value(overrides, "projector")
+        seen.add(projector)
+        assert keys[0] == "preset" and "optim.lr" in keys
+        budget = BUDGET_KEYS.get(projector)
+        assert [k for k in keys if k.startswith("projector.")] == ([budget] if budget else [])
+        assert ("superpixels" in keys) == (projector == "semantic")
+        lr = float(override_value(overrides, "optim.lr"))
+        assert 1e-4 <= lr <= 1e-2
+    assert len(seen) == 7
+
+
+def test_pruning_callback_prunes_a_worse_trial(tmp_path):
+    pl = pytest.importorskip("pytorch_lightning")
+    import torch
+
+    space = _space_file(
+        tmp_path,
+        "directions: [maximize]\nmetrics: [val_ciou]\nsampler: random\nn_trials: 3\n"
+        "pruning: {n_startup_trials: 2, n_warmup_steps: 0}\n"
+        "params:\n  optim.lr: {float: [1.0e-4, 1.0e-2], log: true}\n",
+    )
+    scores = iter([0.9, 0.8, 0.1])
+
+    class Tiny(pl.LightningModule):
+        def __init__(self, score):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+            self.score = score
+
+        def training_step(self, batch, _):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, _):
+            self.log("val/ciou", self.score)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train(overrides, run_dir, callbacks):
+        score = next(scores)
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)))
+        trainer = pl.Trainer(
+            max_epochs=3,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_train_batches=1,
+            limit_val_batches=1,
+            default_root_dir=run_dir,
+        )
+        trainer.fit(Tiny(score), data, data)
+        return {"val_ciou": score, "tokens_mean": 16.0, "projector": "semantic"}
+
+    study = run_sweep(_cfg(tmp_path, space), train, progress=False)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2 + [TrialState.PRUNED]
+    assert study.trials[0].intermediate_values == pytest.approx({0: 0.9, 1: 0.9, 2: 0.9})
+    assert study.trials[2].intermediate_values == {0: pytest.approx(0.1)}
+    report = pareto_report(study, tmp_path / "report", echo=False)
+    assert "PRUNED" in report["markdown"].read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("params: {x: {int: [1, 2], lgo: true}}", "unknown key 'params.x.lgo'"),
+        ("params: {x: {int: [1, 2]}}\nsamplr: tpe", "unknown key 'samplr'"),
+        ("params: {x: {int: [3, 2]}}", "params.x.int: expected [low, high]"),
+        ("params: {x: {float: [0.0, 1.0], log: true}}", "positive lower bound"),
+        ("params: {x: {int: [1, 2], when: {p: a}}}", "params.x.when: 'p'"),
+        ("params: {p: {choices: [a]}, x: {int: [1, 2], when: {p: b}}}", "'b' is not among"),
+        ("params: {x: {choices: [a]}}\npruning: true", "multi-objective studies cannot prune"),
+        ("params: {x: {choices: [a]}}\nmetrics: [val_ciou]", "one metric per direction"),
+        ("params: {x: {choices: [a]}}\nmetrics: [ciou, tokens_mean]", "unknown 'ciou'"),
+        ("grid: [{projector: mlp}]\nn_trials: 2", "exceeds the 1 grid configs"),
+        ("grid: [{projector: mlp}, {projector: mlp}]", "grid[1] repeats grid[0]"),
+        ("grid: [{projector: mlp}]\nsampler: tpe", "sampler: 'grid'"),
+        ("params: {x: {choices: [a]}}\ngrid: [{projector: mlp}]", "exactly one of `params`"),
+        ("params: [oops", "not valid YAML"),
+    ],
+)
+def test_load_space_errors_name_the_key(tmp_path, text, message):
+    path = _space_file(tmp_path, text + ("" if "n_trials" in text else "\nn_trials: 4"))
+    with pytest.raises(ConfigError) as err:
+        load_space(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_load_space_unknown_name_lists_spaces():
+    with pytest.raises(ConfigError) as err:
+        load_space("nope")
+    assert "compare_projectors" in str(err.value) and "tune_lr" in str(err.value)
+
+
+def test_every_shipped_space_loads():
+    for name in ("compare_projectors", "svp_ablation", "compare_grid", "tune_lr"):
+        space = load_space(name)
+        assert space.n_trials >= 1
+    assert load_space("tune_lr").pruning is not None
+    assert len(load_space("compare_grid").grid) >= 14
+
+
+def test_load_study_lists_existing_studies(tmp_path):
+    run_sweep(_cfg(tmp_path, "compare_projectors", n_trials=1), fake_train, progress=False)
+    assert load_study("s", runs_root=tmp_path / "runs").study_name == "s"
+    with pytest.raises(ConfigError, match="Studies under .*: s\\."):
+        load_study("other", runs_root=tmp_path / "runs")
