@@ -39,8 +39,10 @@ def _load(args: argparse.Namespace):
 
     from lightning_modules.config import load_config, load_saved_config
 
-    overrides = [_ALIASES.get(o.split("=", 1)[0], o.split("=", 1)[0]) + o[o.find("=") :]
-                 if "=" in o else o for o in args.overrides]
+    overrides = [
+        _ALIASES.get(o.split("=", 1)[0], o.split("=", 1)[0]) + o[o.find("=") :] if "=" in o else o
+        for o in args.overrides
+    ]
     if getattr(args, "config", None):
         cfg = load_saved_config(args.config, overrides)
     else:

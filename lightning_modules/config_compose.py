@@ -50,7 +50,9 @@ def load_yaml(path: Path) -> dict:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err}). Fix the file.") from err
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}.")
+        raise ConfigError(
+            f"{path}: expected a mapping at the top level, got {type(data).__name__}."
+        )
     return data
 
 
@@ -62,7 +64,7 @@ def _group_yaml(group: str, choice: str, config_root: Path, required: bool) -> d
         choices = ", ".join(group_choices(group, config_root)) or "(none)"
         raise ConfigError(
             f"unknown {group} '{choice}': no file {path}. Choose one of: {choices} "
-            f"(e.g. `{group}={group_choices(group, config_root)[0] if choices != '(none)' else ''}`)."
+            f"(`{group}=<choice>`)."
         )
     return {}
 

@@ -39,8 +39,10 @@ def run_train_sam(cfg: DictConfig, force: bool = False, progress: bool = True) -
     metrics_file = out.parent / "metrics.json"
     if out.is_file() and not force:
         previous = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        print(f"small SAM exists at {out} (val single-point mIoU "
-              f"{previous.get('miou', float('nan')):.3f}); skipping (use --force to retrain).")
+        print(
+            f"small SAM exists at {out} (val single-point mIoU "
+            f"{previous.get('miou', float('nan')):.3f}); skipping (use --force to retrain)."
+        )
         return previous
     result = train_sam(ts, progress=progress)
     if result:
@@ -90,9 +92,11 @@ def _sources_for(cfg: DictConfig, names: list[str]) -> dict[str, Any]:
         if name not in SOURCES:
             raise ConfigError(f"unknown superpixel source '{name}'; choose from {sorted(SOURCES)}")
         groups = [f"{k}={v}" for k, v in cfg.groups.items() if k != "superpixels"]
-        node = cfg.superpixels if name == cfg.superpixels.name else load_config(
-            [*groups, f"superpixels={name}"]
-        ).superpixels
+        node = (
+            cfg.superpixels
+            if name == cfg.superpixels.name
+            else load_config([*groups, f"superpixels={name}"]).superpixels
+        )
         sources[name] = build_source(node)
     return sources
 
@@ -221,5 +225,7 @@ def run_demo(cfg: DictConfig) -> None:
     study = run_sweep_command(cfg)
     stage("sweep", s)
     total = (time.time() - t0) / 60
-    print(f"[demo] done in {total:.1f} min; study '{study.study_name}' under "
-          f"{Path(cfg.runs_root) / study.study_name}")
+    print(
+        f"[demo] done in {total:.1f} min; study '{study.study_name}' under "
+        f"{Path(cfg.runs_root) / study.study_name}"
+    )

@@ -45,8 +45,10 @@ class FrozenEncoder(nn.Module):
                     _FEATURE_MEMORY[(self.key, ids[j])] = feat.detach().to("cpu")
         device = next(iter(fresh.values())).device if fresh else self._device()
         return torch.stack(
-            [fresh[j] if j in fresh else _FEATURE_MEMORY[(self.key, i)].to(device)
-             for j, i in enumerate(ids)]
+            [
+                fresh[j] if j in fresh else _FEATURE_MEMORY[(self.key, i)].to(device)
+                for j, i in enumerate(ids)
+            ]
         )
 
     def _device(self) -> torch.device:
@@ -94,11 +96,14 @@ class RISModel(pl.LightningModule):
         self.seg_head = SegPromptHead(hidden, cfg.mask_decoder.seg_mlp_hidden, prompt_dim)
 
         self.tower_features = FrozenEncoder(
-            self.tower, f"tower-{self.tower.config_hash()}", self.tower.preprocess,
+            self.tower,
+            f"tower-{self.tower.config_hash()}",
+            self.tower.preprocess,
             memory=bool(cfg.vision.frozen),
         )
         self.sam_features = FrozenEncoder(
-            self.sam.image_encoder, f"sam-{_file_key(cfg.mask_decoder.checkpoint)}",
+            self.sam.image_encoder,
+            f"sam-{_file_key(cfg.mask_decoder.checkpoint)}",
             self._sam_preprocess,
         )
         eval_splits = list(cfg.data.eval_splits)
@@ -120,8 +125,9 @@ class RISModel(pl.LightningModule):
             scale = size / max(h, w)
             nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
             if (nh, nw) != (h, w):
-                x = F.interpolate(x[None], (nh, nw), mode="bilinear", align_corners=False,
-                                  antialias=True)[0]
+                x = F.interpolate(
+                    x[None], (nh, nw), mode="bilinear", align_corners=False, antialias=True
+                )[0]
             out.append(self.sam.preprocess(x))
         return torch.stack(out)
 
@@ -141,7 +147,9 @@ class RISModel(pl.LightningModule):
             row = ids[b, :n_text]
             where = (row == self.image_id).nonzero()
             if len(where) != 1:
-                raise ValueError(f"sample {b}: expected exactly one <image> token, found {len(where)}")
+                raise ValueError(
+                    f"sample {b}: expected exactly one <image> token, found {len(where)}"
+                )
             k = int(where[0])
             vis = tokens[b][token_mask[b]]
             text = embed(row)
@@ -243,8 +251,13 @@ class RISModel(pl.LightningModule):
         self.giou[idx].update(preds, targets)
         self._tokens[idx].extend(out["num_tokens"].tolist())
         self._seq_len[idx].extend(out["seq_len"].tolist())
-        self.log(f"{stage}_loss/{split}", losses["loss"], batch_size=len(preds),
-                 add_dataloader_idx=False, sync_dist=True)
+        self.log(
+            f"{stage}_loss/{split}",
+            losses["loss"],
+            batch_size=len(preds),
+            add_dataloader_idx=False,
+            sync_dist=True,
+        )
         if batch_idx == 0 and idx == 0:
             self.image_samples = _image_samples(batch, preds, self.cfg.trainer.num_image_samples)
 

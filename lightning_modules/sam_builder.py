@@ -11,7 +11,6 @@ import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Optional
 
 import torch
 from segment_anything import sam_model_registry
@@ -33,7 +32,7 @@ class SamConfig:
     """SAM architecture; the size fields apply to ``model_type="custom"`` only."""
 
     model_type: str = "custom"
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     img_size: int = 128
     patch_size: int = 8
     encoder_embed_dim: int = 96

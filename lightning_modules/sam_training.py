@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -42,7 +42,7 @@ class TrainSamConfig:
     val_split: str = "val"
     sam: SamConfig = field(default_factory=SamConfig)
     max_steps: int = 1500
-    max_minutes: Optional[float] = None
+    max_minutes: float | None = None
     batch_size: int = 16
     instances_per_image: int = 4
     points_per_instance: int = 1
@@ -59,7 +59,7 @@ class TrainSamConfig:
     devices: int = 1
     precision: str = "32-true"
     out: str = "runs/sam/sam_small.pth"
-    val_limit: Optional[int] = 500
+    val_limit: int | None = 500
 
 
 def _check(cfg: TrainSamConfig) -> None:
@@ -286,7 +286,7 @@ def predict_single_point(
 
 
 def evaluate_single_point(
-    sam: Sam, refer: ReferDataset, limit: Optional[int] = None, progress: bool = False
+    sam: Sam, refer: ReferDataset, limit: int | None = None, progress: bool = False
 ) -> dict[str, float]:
     """Single-point mIoU over every non-empty instance of the first ``limit`` images.
 

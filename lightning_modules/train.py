@@ -56,7 +56,9 @@ def _check_inputs(cfg: DictConfig) -> None:
         )
     if not (Path(cfg.data.root) / cfg.data.dataset).is_dir():
         hint = " Generate it with `svp synth`." if cfg.data.dataset == "synthref" else ""
-        raise DataError(f"data set folder {Path(cfg.data.root) / cfg.data.dataset} is missing.{hint}")
+        raise DataError(
+            f"data set folder {Path(cfg.data.root) / cfg.data.dataset} is missing.{hint}"
+        )
 
 
 def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list, logger) -> pl.Trainer:

@@ -29,7 +29,11 @@ def prediction_grid(samples: list[dict], tile: int = 128) -> np.ndarray:
     rows = []
     for s in samples:
         image = s["image"]
-        tiles = [image, _overlay(image, s["gt"], (0, 220, 0)), _overlay(image, s["pred"], (230, 0, 0))]
+        tiles = [
+            image,
+            _overlay(image, s["gt"], (0, 220, 0)),
+            _overlay(image, s["pred"], (230, 0, 0)),
+        ]
         if "superpixels" in s:
             tiles.append(_boundaries(image, s["superpixels"]))
         resized = [np.asarray(Image.fromarray(t).resize((tile, tile))) for t in tiles]

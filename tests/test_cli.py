@@ -59,8 +59,22 @@ def test_synth_help_documents_every_option(capsys):
 
 def test_synth_then_stats(tmp_path, capsys):
     root = tmp_path / "d"
-    args = ["synth", "--root", str(root), "--train-images", "6", "--val-images", "3",
-            "--testA-images", "2", "--testB-images", "2", "--image-size", "64", "--quiet"]
+    args = [
+        "synth",
+        "--root",
+        str(root),
+        "--train-images",
+        "6",
+        "--val-images",
+        "3",
+        "--testA-images",
+        "2",
+        "--testB-images",
+        "2",
+        "--image-size",
+        "64",
+        "--quiet",
+    ]
     assert main(args) == 0
     assert (root / "synthref" / "refs(unc).p").is_file()
     assert main(args) == 2  # exists: refuses without --overwrite

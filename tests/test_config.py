@@ -28,9 +28,7 @@ def test_default_is_tiny_semantic_on_synthref():
 def test_every_projector_has_a_config_file_and_schema(name):
     cfg = load_config([f"projector={name}"])
     assert cfg.projector.name == name
-    assert set(cfg.projector.keys()) == set(
-        OmegaConf.structured(PROJECTORS[name].Config).keys()
-    )
+    assert set(cfg.projector.keys()) == set(OmegaConf.structured(PROJECTORS[name].Config).keys())
 
 
 def test_group_files_cover_registries():

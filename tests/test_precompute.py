@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from datamodules.errors import ConfigError
 from datamodules.superpixels import SOURCES, build_source
@@ -195,6 +196,8 @@ def check_two_ranks(tmp_path, strategy):
 
 
 def test_two_process_ddp_equals_one_process(tmp_path):
+    if torch.cuda.is_initialized():
+        pytest.skip("processes cannot fork after CUDA is initialised; see the ddp_spawn test")
     check_two_ranks(tmp_path, "ddp_fork")
 
 

@@ -1,4 +1,4 @@
-"""The RIS model end to end on tiny fixtures: padding invariance, every projector trains, DDP eval."""
+"""RIS model on tiny fixtures: padding invariance, every projector trains, DDP eval."""
 
 from __future__ import annotations
 
@@ -83,7 +83,9 @@ def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, t
 
 
 @pytest.mark.parametrize("projector", sorted(PROJECTORS))
-def test_train_fast_dev_run_every_projector(projector, synthref_root, tiny_sam_checkpoint, tmp_path):
+def test_train_fast_dev_run_every_projector(
+    projector, synthref_root, tiny_sam_checkpoint, tmp_path
+):
     from lightning_modules.train import train
 
     cfg = _cfg(
@@ -121,14 +123,26 @@ def test_train_resume_eval_and_tensorboard(synthref_root, tiny_sam_checkpoint, t
     cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, "semantic", extra)
     metrics = train(cfg)
     tags = _event_tags(metrics["tensorboard"])
-    for tag in ("train/loss", "val/val/ciou", "val/testB/giou", "val/val/tokens_mean",
-                "val/predictions"):
+    for tag in (
+        "train/loss",
+        "val/val/ciou",
+        "val/testB/giou",
+        "val/val/tokens_mean",
+        "val/predictions",
+    ):
         assert tag in tags, (tag, sorted(tags))
     hparams = Path(metrics["tensorboard"]).glob("events.*")
     assert any(hparams)
 
-    resumed = train(_cfg(synthref_root, tiny_sam_checkpoint, tmp_path, "semantic",
-                         [*extra, "trainer.max_epochs=2", "ckpt_path=last"]))
+    resumed = train(
+        _cfg(
+            synthref_root,
+            tiny_sam_checkpoint,
+            tmp_path,
+            "semantic",
+            [*extra, "trainer.max_epochs=2", "ckpt_path=last"],
+        )
+    )
     ckpt = torch.load(Path(resumed["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["epoch"] == 1
 
@@ -137,10 +151,23 @@ def test_train_resume_eval_and_tensorboard(synthref_root, tiny_sam_checkpoint, t
     for trainer in ("cpu", "ddp_cpu"):
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         proc = subprocess.run(
-            [sys.executable, "-m", "lightning_modules.cli", "eval", "--config", str(config),
-             f"trainer={trainer}", "trainer.enable_progress_bar=false",
-             "--ckpt", str(Path(metrics["run_dir"]) / "checkpoints" / "last.ckpt")],
-            capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "lightning_modules.cli",
+                "eval",
+                "--config",
+                str(config),
+                f"trainer={trainer}",
+                "trainer.enable_progress_bar=false",
+                "--ckpt",
+                str(Path(metrics["run_dir"]) / "checkpoints" / "last.ckpt"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=600,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[trainer] = json.loads((Path(metrics["run_dir"]) / "eval-last.json").read_text())

@@ -63,7 +63,8 @@ def test_round_trip_exact_int16_of_different_sizes(tmp_path):
 
 
 def test_index_is_consecutive_sorted_shards(tmp_path):
-    cache_dir = open_or_create_cache(tmp_path, SOURCE, DATA, range(10, 0, -1), shard_size=4)
+    ids = np.arange(10, 0, -1)
+    cache_dir = open_or_create_cache(tmp_path, SOURCE, DATA, ids, shard_size=4)
     index = json.loads((cache_dir / INDEX_FILE).read_text())
     assert index == {"shard_size": 4, "shards": [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]}
     fill(cache_dir)

@@ -148,7 +148,7 @@ def _worker(cfg: SweepConfig) -> None:
     run_sweep(cfg, slow_train, progress=False)
 
 
-@pytest.mark.parametrize("sampler", ["grid", "random"])
+@pytest.mark.parametrize("sampler", ["grid", pytest.param("random", marks=pytest.mark.slow)])
 def test_two_workers_share_the_trials(tmp_path, sampler):
     text = SMALL_GRID
     if sampler == "random":

@@ -30,7 +30,7 @@ INDEX_FILE = "index.json"
 DEFAULT_SHARD_SIZE = 64
 VERSIONED_PACKAGES = ("svp-suite", "numpy", "torch", "segment-anything", "scikit-image")
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
-_FIX = "delete the folder to recompute it, or set superpixels.cache_root to another folder"
+_FIX = "delete the folder to recompute it, or set cache.root to another folder"
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:
@@ -224,8 +224,12 @@ class SuperpixelStore:
 
 
 def _canonical(value: Any) -> Any:
-    """`value` as it reads back from JSON (tuples → lists, paths → strings)."""
-    return json.loads(json.dumps(value, default=str))
+    """`value` as it reads back from JSON (tuples → lists, numpy scalars → numbers, paths → str)."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else str(value)
 
 
 def _differences(cached: Any, requested: Any, prefix: str = "") -> list[str]:
