@@ -149,8 +149,14 @@ class RISDataModule(pl.LightningDataModule):
         datasets = [self._refer(s) for s in self.splits()]
         source_cfg = _plain(self.cfg.superpixels)
         if compute:
+            on_gpu = self.cfg.trainer.accelerator in ("gpu", "cuda")
             return ensure_superpixel_cache(
-                datasets, source_cfg, self.cfg.cache.root, shard_size=self.cfg.cache.shard_size
+                datasets,
+                source_cfg,
+                self.cfg.cache.root,
+                shard_size=self.cfg.cache.shard_size,
+                accelerator="gpu" if on_gpu else "cpu",
+                devices=1,  # nested inside prepare_data: one device
             )
         return SuperpixelStore(superpixel_cache_dir(datasets, source_cfg, self.cfg.cache.root))
 

@@ -97,7 +97,7 @@ def _sources_for(cfg: DictConfig, names: list[str]) -> dict[str, Any]:
             if name == cfg.superpixels.name
             else load_config([*groups, f"superpixels={name}"]).superpixels
         )
-        sources[name] = build_source(node)
+        sources[name] = build_source(_plain(node))
     return sources
 
 

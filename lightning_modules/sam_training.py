@@ -85,21 +85,14 @@ def _check(cfg: TrainSamConfig) -> None:
 
 
 class SamInstanceDataset(Dataset):
-    """Images of a split, each with up to ``instances`` random instances and their point prompts.
+    """Images of a split, each with up to ``instances`` of its non-empty instance masks, at random.
 
-    Items: ``image`` 3×h×w uint8 (resized so the long side is ``img_size``, unpadded), ``masks``
-    K×h×w float, ``points`` K×P×2 (x, y) and ``labels`` K×P (all 1: foreground).
+    Items: ``image`` 3×h×w uint8 (resized so the long side is ``img_size``, unpadded) and
+    ``masks`` K×h×w float.
     """
 
-    def __init__(
-        self,
-        refer: ReferDataset,
-        img_size: int,
-        instances: int,
-        points: int,
-        flip: bool,
-    ) -> None:
-        self.refer, self.instances, self.points, self.flip = refer, instances, points, flip
+    def __init__(self, refer: ReferDataset, img_size: int, instances: int, flip: bool) -> None:
+        self.refer, self.instances, self.flip = refer, instances, flip
         self.image_ids = list(refer.image_ids)
         self.transform = ResizeLongestSide(img_size)
 
@@ -110,24 +103,16 @@ class SamInstanceDataset(Dataset):
         image_id = self.image_ids[index]
         image = self.transform.apply_image(self.refer.load_image(image_id))
         image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        masks = torch.from_numpy(self.refer.instance_masks(image_id))
+        masks = torch.from_numpy(self.refer.instance_masks(image_id)).bool()
         masks = masks[masks.flatten(1).any(1)]
+        masks = masks[torch.randperm(masks.shape[0])[: self.instances]].float()
         if masks.shape[0] and masks.shape[-2:] != image.shape[-2:]:
-            masks = F.interpolate(masks[None].float(), image.shape[-2:], mode="nearest")[0]
-        masks = masks.float()
+            masks = F.interpolate(masks[None], image.shape[-2:], mode="nearest")[0]
         if self.flip:
             dims = [d for d, p in zip((-1, -2), torch.rand(2)) if p < 0.5]
             if dims:
                 image, masks = image.flip(dims), masks.flip(dims)
-        masks = masks[torch.randperm(masks.shape[0])[: self.instances]]
-        n_points = int(torch.randint(1, self.points + 1, ()))
-        points = torch.zeros(masks.shape[0], n_points, 2)
-        for k, mask in enumerate(masks):
-            ys, xs = torch.nonzero(mask, as_tuple=True)
-            pick = torch.randint(len(xs), (n_points,))
-            points[k, :, 0], points[k, :, 1] = xs[pick].float(), ys[pick].float()
-        labels = torch.ones(masks.shape[0], n_points, dtype=torch.int)
-        return {"image": image, "masks": masks, "points": points, "labels": labels}
+        return {"image": image, "masks": masks}
 
 
 def collate_instances(items: list[dict]) -> dict[str, list[torch.Tensor]]:
