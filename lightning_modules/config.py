@@ -167,13 +167,24 @@ def load_saved_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass the config.yaml of a run.")
-    saved = load_yaml(path)
+    return rebase_config(load_yaml(path), overrides, str(path))
+
+
+def rebase_config(
+    saved: dict, overrides: list[str] | tuple[str, ...] = (), where: str = "saved config"
+) -> DictConfig:
+    """`saved` (a resolved config as a dict) with `overrides` applied on top.
+
+    A group selection in `overrides` (e.g. `projector=pool`) replaces that group's saved node with
+    the new choice's defaults; dotted overrides are merged last.
+    """
+    saved = dict(saved)
     choices, values = split_overrides(list(overrides), GROUP_NAMES)
     groups = {**(saved.pop("groups", None) or {}), **choices}
     cfg = load_config([f"{k}={v}" for k, v in groups.items() if k in GROUP_NAMES])
     for group in choices:  # a newly chosen group replaces the saved node of that group
         saved.pop(group, None)
-    merge_into(cfg, saved, f"{path}")
+    merge_into(cfg, saved, where)
     merge_into(cfg, OmegaConf.from_dotlist(values), "command line")
     return cfg
 

@@ -130,26 +130,18 @@ def run_superpixel_show(
 
 # ------------------------------------------------------------------------------ sweeps
 def make_train_fn(cfg: DictConfig):
-    """A sweep's trial runner: the base config's groups + the trial's overrides → `train`."""
-    from lightning_modules.config import load_config
+    """A sweep's trial runner: the sweep command's own config + the trial's overrides → `train`."""
+    from lightning_modules.config import rebase_config
     from lightning_modules.train import train
 
-    base = [f"{k}={v}" for k, v in cfg.groups.items()]
-    keep = {
-        "data.root": cfg.data.root,
-        "cache.root": cfg.cache.root,
-        "train_sam.out": cfg.train_sam.out,
-        "runs_root": cfg.runs_root,
-    }
+    base = OmegaConf.to_container(cfg, resolve=True)
+    base.pop("run_dir", None)
 
     def train_fn(overrides: list[str], run_dir: Path, callbacks: list) -> dict:
-        trial_cfg = load_config(
-            [*base, *[f"{k}={v}" for k, v in keep.items()], *overrides, f"run_dir={run_dir}"]
-        )
-        OmegaConf.set_struct(trial_cfg, True)
+        trial_cfg = rebase_config(base, [*overrides, f"run_dir={run_dir}"], "sweep base config")
         if trial_cfg.projector.name == "semantic":
             run_precompute(trial_cfg, progress=False)
-        return train(trial_cfg, callbacks=callbacks)
+        return train(trial_cfg, callbacks=callbacks, progress=False)
 
     return train_fn
 

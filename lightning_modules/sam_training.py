@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from segment_anything.modeling import Sam
+from segment_anything.modeling import MaskDecoder, Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -153,6 +153,32 @@ def farthest_point(mask: np.ndarray) -> tuple[int, int]:
     return int(x), int(y)
 
 
+def decode_masks(
+    decoder: MaskDecoder,
+    embeddings: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`MaskDecoder.predict_masks` with one image embedding per prompt, so that one call serves
+    the prompts of many images; all four mask logits and IoU predictions are returned."""
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    output_tokens = output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1)
+    tokens = torch.cat((output_tokens, sparse), dim=1)
+    src = embeddings + dense
+    b, c, h, w = src.shape
+    hs, src = decoder.transformer(src, image_pe.expand(b, -1, -1, -1), tokens)
+    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper_in = torch.stack(
+        [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
+        dim=1,
+    )
+    b, c, h, w = upscaled.shape
+    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    return masks, decoder.iou_prediction_head(hs[:, 0, :])
+
+
 class SamTrainingModule(pl.LightningModule):
     """SAM (image encoder, prompt encoder, mask decoder) under SAM's promptable loss."""
 
@@ -162,54 +188,47 @@ class SamTrainingModule(pl.LightningModule):
         self.sam = sam_from_config(cfg.sam)
         self.sam.train()
 
-    def _padded(self, masks: torch.Tensor) -> torch.Tensor:
-        size = self.sam.image_encoder.img_size
-        return F.pad(masks, (0, size - masks.shape[-1], 0, size - masks.shape[-2]))
-
-    def predict_all(
-        self, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All four mask logits (K×4×S×S at the padded input size) and IoU predictions (K×4)."""
-        sparse, dense = self.sam.prompt_encoder(points=(points, labels), boxes=None, masks=None)
-        low_res, iou_pred = self.sam.mask_decoder.predict_masks(
-            image_embeddings=embedding[None],
-            image_pe=self.sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-        )
-        size = self.sam.image_encoder.img_size
-        logits = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
-        return logits, iou_pred
+    def sample_points(self, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """1..``points_per_instance`` uniform foreground points (x, y) per mask, labels 1."""
+        n = int(torch.randint(1, self.cfg.points_per_instance + 1, ()))
+        width = masks.shape[-1]
+        idx = torch.multinomial(masks.flatten(1), n, replacement=True)
+        points = torch.stack([idx % width, idx // width], dim=-1).float()
+        return points, torch.ones(idx.shape, dtype=torch.int, device=masks.device)
 
     def losses(self, batch: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-        images = torch.stack([self.sam.preprocess(im.float()) for im in batch["image"]])
-        embeddings = self.sam.image_encoder(images)
-        logits, iou_preds, targets = [], [], []
-        for emb, masks, points, labels in zip(
-            embeddings, batch["masks"], batch["points"], batch["labels"]
-        ):
-            if masks.shape[0] == 0:
-                continue
-            out, iou = self.predict_all(emb, points, labels)
-            logits.append(out)
-            iou_preds.append(iou)
-            targets.append(self._padded(masks))
-        if not logits:
+        sam, size = self.sam, self.sam.image_encoder.img_size
+        images = torch.stack([sam.preprocess(im.float()) for im in batch["image"]])
+        embeddings = sam.image_encoder(images)
+        counts = torch.tensor([len(m) for m in batch["masks"]], device=embeddings.device)
+        targets = torch.cat(
+            [F.pad(m, (0, size - m.shape[-1], 0, size - m.shape[-2])) for m in batch["masks"]]
+        )
+        if not len(targets):
             zero = embeddings.sum() * 0
-            return {"loss": zero, "mask": zero, "iou": zero, "train_iou": zero}
-        logits, iou_pred = torch.cat(logits), torch.cat(iou_preds)
-        targets = torch.cat(targets)[:, None].expand_as(logits)
+            return {"loss": zero, "mask": zero, "iou": zero, "best_iou": zero}
+        points, labels = self.sample_points(targets)
+        sparse, dense = sam.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+        low_res, iou_pred = decode_masks(
+            sam.mask_decoder,
+            embeddings.repeat_interleave(counts, dim=0),
+            sam.prompt_encoder.get_dense_pe(),
+            sparse,
+            dense,
+        )
+        logits = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
+        targets = targets[:, None].expand_as(logits)
         per_mask = self.cfg.focal_weight * focal_loss(logits, targets)
         per_mask = per_mask + self.cfg.dice_weight * dice_loss(logits, targets)
         mask_loss = per_mask[:, 1:].min(1).values.mean() + per_mask[:, 0].mean()
         with torch.no_grad():
-            actual = mask_iou(logits > self.sam.mask_threshold, targets)
+            actual = mask_iou(logits > sam.mask_threshold, targets)
         iou_loss = F.mse_loss(iou_pred, actual)
         return {
             "loss": mask_loss + self.cfg.iou_weight * iou_loss,
             "mask": mask_loss,
             "iou": iou_loss,
-            "train_iou": actual[:, 1:].max(1).values.mean(),
+            "best_iou": actual[:, 1:].max(1).values.mean(),
         }
 
     def training_step(self, batch: dict[str, list[torch.Tensor]], batch_idx: int) -> torch.Tensor:
@@ -218,7 +237,7 @@ class SamTrainingModule(pl.LightningModule):
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
         self.log("train/mask_loss", out["mask"], batch_size=n)
         self.log("train/iou_loss", out["iou"], batch_size=n)
-        self.log("train/best_iou", out["train_iou"], prog_bar=True, batch_size=n)
+        self.log("train/best_iou", out["best_iou"], prog_bar=True, batch_size=n)
         return out["loss"]
 
     def configure_optimizers(self):
@@ -330,7 +349,6 @@ def train_sam(cfg: TrainSamConfig, progress: bool = True) -> dict[str, Any]:
         train,
         module.sam.image_encoder.img_size,
         cfg.instances_per_image,
-        cfg.points_per_instance,
         cfg.flip,
     )
     loader = DataLoader(

@@ -61,7 +61,9 @@ def _check_inputs(cfg: DictConfig) -> None:
         )
 
 
-def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list, logger) -> pl.Trainer:
+def _trainer(
+    cfg: DictConfig, run_dir: Path, callbacks: list, logger, progress: bool = True
+) -> pl.Trainer:
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
     t = cfg.trainer
@@ -87,7 +89,7 @@ def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list, logger) -> pl.Trai
         "check_val_every_n_epoch": t.val_every_n_epochs,
         "log_every_n_steps": t.log_every_n_steps,
         "fast_dev_run": t.fast_dev_run,
-        "enable_progress_bar": t.enable_progress_bar,
+        "enable_progress_bar": bool(t.enable_progress_bar and progress),
         "deterministic": t.deterministic,
         "gradient_clip_val": cfg.optim.grad_clip or None,
         "callbacks": cbs,
@@ -145,7 +147,7 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
     logger = TensorBoardLogger(
         save_dir=str(run_dir), name="tb", version=version, default_hp_metric=False
     )
-    trainer = _trainer(cfg, run_dir, callbacks or [], logger)
+    trainer = _trainer(cfg, run_dir, callbacks or [], logger, progress)
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last":
         last = run_dir / "checkpoints" / "last.ckpt"
