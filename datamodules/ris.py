@@ -169,8 +169,7 @@ class RISDataModule(pl.LightningDataModule):
             self.train_set = _limit(train, d.limit_train_sentences, self.cfg.seed)
         for split in d.eval_splits:
             if split not in self.eval_sets:
-                ds = RISDataset(self._refer(split), self.store, d.label_size)
-                self.eval_sets[split] = _limit(ds, d.limit_eval_sentences, self.cfg.seed)
+                self.eval_sets[split] = RISDataset(self._refer(split), self.store, d.label_size)
 
     def _collate(self) -> RISCollate:
         tok = self.tokenizer
@@ -202,33 +201,35 @@ class RISDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 
-    def _eval_loaders(self) -> list[DataLoader]:
+    def _eval_loaders(self, limit: int | None) -> list[DataLoader]:
         """Each rank sees a disjoint share and no sample twice, so cIoU sums are exact in DDP."""
         d = self.cfg.data
         world, rank = self._world()
-
-        def sampler(ds):
-            if world == 1:
-                return None
-            return UnrepeatedDistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
-
-        return [
-            DataLoader(
-                self.eval_sets[s],
-                batch_size=d.eval_batch_size,
-                shuffle=False,
-                sampler=sampler(self.eval_sets[s]),
-                num_workers=d.num_workers,
-                collate_fn=self._collate(),
+        loaders = []
+        for split in d.eval_splits:
+            ds = _limit(self.eval_sets[split], limit, self.cfg.seed)
+            sampler = None
+            if world > 1:
+                sampler = UnrepeatedDistributedSampler(
+                    ds, num_replicas=world, rank=rank, shuffle=False
+                )
+            loaders.append(
+                DataLoader(
+                    ds,
+                    batch_size=d.eval_batch_size,
+                    shuffle=False,
+                    sampler=sampler,
+                    num_workers=d.num_workers,
+                    collate_fn=self._collate(),
+                )
             )
-            for s in d.eval_splits
-        ]
+        return loaders
 
     def val_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
+        return self._eval_loaders(self.cfg.data.limit_val_sentences)
 
     def test_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
+        return self._eval_loaders(self.cfg.data.limit_test_sentences)
 
 
 def _plain(node) -> dict:

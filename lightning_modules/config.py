@@ -36,7 +36,8 @@ class DataConfig:
     num_workers: int = 0
     label_size: int = 64
     limit_train_sentences: int | None = None
-    limit_eval_sentences: int | None = None
+    limit_val_sentences: int | None = None  # per eval split, validation during fit only
+    limit_test_sentences: int | None = None  # per eval split, final test
     prompt: str = "<image> What is {sentence} in this image? Please output segmentation mask."
     answer: str = "Sure, [SEG]."
 
@@ -87,7 +88,7 @@ class TrainerConfig:
 
 @dataclass
 class CacheConfig:
-    root: str = "runs/cache"
+    root: str = "${runs_root}/cache"
     shard_size: int = 64
     features: bool = True
 

@@ -113,6 +113,7 @@ class RISModel(pl.LightningModule):
         self._tokens: dict[int, list[int]] = {i: [] for i in range(len(eval_splits))}
         self._seq_len: dict[int, list[int]] = {i: [] for i in range(len(eval_splits))}
         self._fit_start = 0.0
+        self.start_epoch = 0
         self.image_samples: list[dict] = []
 
     # ------------------------------------------------------------------ encoders
@@ -223,8 +224,9 @@ class RISModel(pl.LightningModule):
         return {"loss": total, "ce": out["ce"], "bce": bce_m, "dice": dice_m}
 
     # ------------------------------------------------------------------ lightning hooks
-    def on_fit_start(self) -> None:
+    def on_train_start(self) -> None:
         self._fit_start = time.time()
+        self.start_epoch = self.current_epoch  # > 0 when resumed from a checkpoint
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self(batch)

@@ -168,6 +168,8 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
             "token_budget": model.projector.token_budget,
             "run_dir": str(run_dir),
             "checkpoint": test_ckpt or "",
+            "start_epoch": model.start_epoch,
+            "epochs": trainer.current_epoch,
             "tensorboard": logger.log_dir,
         }
     )
