@@ -202,11 +202,16 @@ def _fit_state_dict(model: Sam, state: dict, checkpoint: Path, model_type: str) 
             f"{checkpoint} does not fit a SAM of model_type={model_type!r}: {'; '.join(parts)}. "
             "Check the model type, or retrain it with `svp train-sam`"
         )
+    model.to_empty(device="cpu")
     model.load_state_dict(state, strict=True)
 
 
 def load_sam(checkpoint: str | os.PathLike, model_type: str = "custom") -> Sam:
-    """Load a SAM-format checkpoint; ``custom`` rebuilds the architecture from its sidecar json."""
+    """Load a SAM-format checkpoint; ``custom`` rebuilds the architecture from its sidecar json.
+
+    The model is built on the meta device and filled from the file, skipping the random init
+    (seconds for ViT-H on CPU).
+    """
     path = Path(checkpoint)
     if model_type not in MODEL_TYPES:
         raise ConfigError(
@@ -218,7 +223,8 @@ def load_sam(checkpoint: str | os.PathLike, model_type: str = "custom") -> Sam:
             "or point the checkpoint key at a downloaded sam_vit_*.pth"
         )
     cfg = _read_sidecar(path) if model_type == "custom" else SamConfig(model_type=model_type)
-    model = build_sam(cfg)
+    with torch.device("meta"):
+        model = build_sam(cfg)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -226,6 +232,8 @@ def load_sam(checkpoint: str | os.PathLike, model_type: str = "custom") -> Sam:
     if not isinstance(state, dict):
         raise ConfigError(f"{path} holds a {type(state).__name__}, not a SAM state dict")
     _fit_state_dict(model, state, path, model_type)
+    model.pixel_mean.copy_(torch.tensor(cfg.pixel_mean).view(-1, 1, 1))
+    model.pixel_std.copy_(torch.tensor(cfg.pixel_std).view(-1, 1, 1))
     return model
 
 
