@@ -47,10 +47,8 @@ def test_llava7b_preset_on_tiny_local_checkpoints(synthref_root, tiny_sam_checkp
     ).save_pretrained(clip_dir)
     refer = ReferDataset(str(synthref_root), "synthref", "unc", "train")
     words = [w.lower() for r in refer.refs for s in r["sentences"] for w in s["sent"].split()]
-    words += (
-        "a chat between curious user and an artificial intelligence assistant . user : what is "
-    )
-    words = [*words, *"in this image ? please output segmentation mask assistant sure ,".split()]
+    words += "a chat between curious user and an artificial intelligence assistant".split()
+    words += ". user : what is in this image ? please output segmentation mask sure ,".split()
     tok = _plain_tokenizer(words)
     tok.save_pretrained(llm_dir)
     LlamaForCausalLM(
