@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,34 +24,60 @@ _FEATURE_MEMORY: dict[tuple[str, int], torch.Tensor] = {}
 
 
 class FrozenEncoder(nn.Module):
-    """Runs a frozen image encoder once per image id and remembers the result."""
+    """Runs a frozen image encoder once per image id and remembers the result.
 
-    def __init__(self, encoder: nn.Module, key: str, preprocess, memory: bool = True):
+    Two levels: a process-wide memory (sweeps run many trials in one process) and, when `disk_dir`
+    is set, float16 `.npy` files keyed by the encoder's config hash, shared by every process and
+    machine that sees the folder. With the disk cache on, fresh features are rounded to float16 too,
+    so a run gives the same numbers whether its features were cached or not.
+    """
+
+    def __init__(
+        self, encoder: nn.Module, key: str, preprocess, memory: bool = True, disk_dir=None
+    ):
         super().__init__()
         self.encoder = encoder
         self.key = key
         self.preprocess = preprocess
         self.memory = memory
+        self.disk_dir = Path(disk_dir) / key if disk_dir else None
+
+    def _load(self, image_id: int) -> torch.Tensor | None:
+        if (self.key, image_id) in _FEATURE_MEMORY:
+            return _FEATURE_MEMORY[(self.key, image_id)]
+        if self.disk_dir is not None:
+            path = self.disk_dir / f"{image_id}.npy"
+            if path.is_file():
+                feat = torch.from_numpy(np.load(path).astype(np.float32))
+                if self.memory:
+                    _FEATURE_MEMORY[(self.key, image_id)] = feat
+                return feat
+        return None
+
+    def _store(self, image_id: int, feat: torch.Tensor) -> torch.Tensor:
+        if self.disk_dir is not None:
+            feat = feat.half().float()
+            self.disk_dir.mkdir(parents=True, exist_ok=True)
+            path = self.disk_dir / f"{image_id}.npy"
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as fh:
+                np.save(fh, feat.detach().cpu().numpy().astype(np.float16))
+            os.replace(tmp, path)
+        if self.memory:
+            _FEATURE_MEMORY[(self.key, image_id)] = feat.detach().to("cpu")
+        return feat
 
     @torch.no_grad()
     def forward(self, images: list[torch.Tensor], image_ids: torch.Tensor) -> torch.Tensor:
         ids = [int(i) for i in image_ids]
-        missing = [j for j, i in enumerate(ids) if (self.key, i) not in _FEATURE_MEMORY]
-        fresh: dict[int, torch.Tensor] = {}
+        device = self._device()
+        found = {j: self._load(i) for j, i in enumerate(ids)}
+        missing = [j for j, f in found.items() if f is None]
         if missing:
-            pixels = self.preprocess([images[j] for j in missing])
-            out = self.encoder(pixels)
+            out = self.encoder(self.preprocess([images[j] for j in missing]))
             for j, feat in zip(missing, out):
-                fresh[j] = feat
-                if self.memory:
-                    _FEATURE_MEMORY[(self.key, ids[j])] = feat.detach().to("cpu")
-        device = next(iter(fresh.values())).device if fresh else self._device()
-        return torch.stack(
-            [
-                fresh[j] if j in fresh else _FEATURE_MEMORY[(self.key, i)].to(device)
-                for j, i in enumerate(ids)
-            ]
-        )
+                found[j] = self._store(ids[j], feat)
+        return torch.stack([found[j].to(device) for j in range(len(ids))])
 
     def _device(self) -> torch.device:
         for p in self.encoder.parameters():
@@ -95,16 +123,19 @@ class RISModel(pl.LightningModule):
         prompt_dim = self.sam.prompt_encoder.embed_dim
         self.seg_head = SegPromptHead(hidden, cfg.mask_decoder.seg_mlp_hidden, prompt_dim)
 
+        disk = Path(cfg.cache.root) / "features" if cfg.cache.features else None
         self.tower_features = FrozenEncoder(
             self.tower,
             f"tower-{self.tower.config_hash()}",
             self.tower.preprocess,
             memory=bool(cfg.vision.frozen),
+            disk_dir=disk if cfg.vision.frozen else None,
         )
         self.sam_features = FrozenEncoder(
             self.sam.image_encoder,
             f"sam-{_file_key(cfg.mask_decoder.checkpoint)}",
             self._sam_preprocess,
+            disk_dir=disk,
         )
         eval_splits = list(cfg.data.eval_splits)
         self.eval_splits = eval_splits
@@ -327,7 +358,6 @@ class RISModel(pl.LightningModule):
 
 def _file_key(path: str) -> str:
     import hashlib
-    import os
 
     try:
         st = os.stat(path)

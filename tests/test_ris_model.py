@@ -184,3 +184,29 @@ def test_train_resume_eval_and_tensorboard(synthref_root, tiny_sam_checkpoint, t
             results["ddp_cpu"][f"{split}_giou"], abs=1e-6
         )
         assert np.isfinite(results["cpu"][f"{split}_tokens_mean"])
+
+
+def test_frozen_features_cached_on_disk(synthref_root, tiny_sam_checkpoint, tmp_path):
+    from lightning_modules import ris_model
+
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, "mlp")
+    tok = tokenizer_for(cfg)
+    model = RISModel(cfg, tok).eval()
+    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
+    batch = collate(_items(synthref_root, [2, 3]))
+    ris_model._FEATURE_MEMORY.clear()
+    with torch.no_grad():
+        first = model(batch)
+    files = sorted((tmp_path / "cache" / "features").rglob("*.npy"))
+    # one file per image for the tower and one for SAM's image embedding, keyed by config hash
+    assert len(files) == 2 * len(set(batch["image_ids"].tolist()))
+    ris_model._FEATURE_MEMORY.clear()
+
+    def recompute(images):
+        raise AssertionError("features were recomputed instead of read from disk")
+
+    model.tower_features.preprocess = model.sam_features.preprocess = recompute
+    with torch.no_grad():
+        second = model(batch)
+    for a, b in zip(first["mask_logits"], second["mask_logits"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
