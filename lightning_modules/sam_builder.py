@@ -43,6 +43,7 @@ class SamConfig:
     window_size: int = 8
     use_rel_pos: bool = True
     prompt_embed_dim: int = 64
+    pe_scale: float = 1.0
     mask_in_chans: int = 16
     decoder_depth: int = 2
     decoder_mlp_dim: int = 256
@@ -127,6 +128,9 @@ def build_sam(cfg: SamConfig) -> Sam:
         pixel_mean=list(cfg.pixel_mean),
         pixel_std=list(cfg.pixel_std),
     )
+    # The random Fourier frequencies of point and image positions are a state-dict buffer, so a
+    # finer scale than SAM's 1.0 (for small objects on a coarse grid) needs no code to load.
+    sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(cfg.pe_scale)
     sam.eval()
     return sam
 

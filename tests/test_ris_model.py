@@ -165,6 +165,10 @@ def test_train_resume_eval_and_tensorboard(synthref_root, tiny_sam_checkpoint, t
                 str(config),
                 f"trainer={trainer}",
                 "trainer.enable_progress_bar=false",
+                # one sample per forward pass on both sides gives identical numerics, so this
+                # checks the DDP reduction itself (disjoint shards, summed intersections/unions)
+                "data.eval_batch_size=1",
+                "data.limit_test_sentences=16",
                 "--ckpt",
                 str(Path(metrics["run_dir"]) / "checkpoints" / "last.ckpt"),
             ],
