@@ -178,7 +178,17 @@ class VisionTower(nn.Module):
         cfg = self.cfg
         if cfg.name == "sam_encoder":
             patch = self.model.patch_embed.proj.kernel_size[0]
-            self.out_channels = self.model.neck[0].out_channels
+            depth = len(self.model.blocks)
+            if not -depth - 2 <= cfg.feature_layer <= depth + 1:
+                raise ConfigError(
+                    f"vision_tower.feature_layer={cfg.feature_layer} is outside "
+                    f"-{depth + 2}..{depth + 1} for a SAM encoder with {depth} blocks "
+                    "(0 = patch embedding, 1..depth = blocks, -1 = neck output)"
+                )
+            if cfg.feature_layer in (-1, depth + 1):
+                self.out_channels = self.model.neck[0].out_channels
+            else:
+                self.out_channels = self.model.patch_embed.proj.out_channels
             if self.model.img_size != cfg.image_size:
                 raise ConfigError(
                     f"vision_tower.image_size={cfg.image_size} but the SAM encoder in "
@@ -233,10 +243,25 @@ class VisionTower(nn.Module):
         pixels = torch.cat(out).to(self.pixel_mean.device)
         return (pixels - self.pixel_mean) / self.pixel_std
 
+    def _sam_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """SAM encoder states indexed like HF hidden_states, with the neck appended last:
+        0 = patch embedding (+ position), 1..depth = block outputs, depth + 1 (or -1) = neck."""
+        enc = self.model
+        depth = len(enc.blocks)
+        layer = self.cfg.feature_layer % (depth + 2)
+        if layer == depth + 1:
+            return enc(pixel_values)
+        x = enc.patch_embed(pixel_values)
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed
+        for block in enc.blocks[:layer]:
+            x = block(x)
+        return x.permute(0, 3, 1, 2)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.frozen):
             if self.cfg.name == "sam_encoder":
-                return self.model(pixel_values)
+                return self._sam_features(pixel_values)
             kwargs = {"output_hidden_states": True}
             if self.cfg.name == "clip":
                 kwargs["interpolate_pos_encoding"] = self.image_size != self.model.config.image_size

@@ -24,7 +24,8 @@ def pixels(n=2, size=128, seed=0):
     "name, channels", [("clip", 64), ("dinov2", 64), ("sam_encoder", 256)], ids=TOWER_NAMES
 )
 def test_tiny_towers_give_patch_feature_maps(name, channels):
-    tower = build_vision_tower(VisionTowerConfig(name=name))
+    layer = -1 if name == "sam_encoder" else -2  # SAM: -1 is the neck output
+    tower = build_vision_tower(VisionTowerConfig(name=name, feature_layer=layer))
     out = tower(pixels())
     assert out.shape == (2, channels, 8, 8)
     assert (tower.out_channels, tower.grid_size) == (channels, (8, 8))
@@ -81,10 +82,20 @@ def test_sam_checkpoint_loads_its_image_encoder(tmp_path):
     sam_cfg = SamConfig(img_size=64, patch_size=8, encoder_depth=2, encoder_global_attn_indexes=[1])
     sam = build_sam(sam_cfg)
     ckpt = save_sam(sam, sam_cfg, tmp_path / "sam.pth")
-    tower = build_vision_tower(VisionTowerConfig(name="sam_encoder", path=str(ckpt), image_size=64))
+    tower = build_vision_tower(
+        VisionTowerConfig(name="sam_encoder", path=str(ckpt), image_size=64, feature_layer=-1)
+    )
     x = pixels(size=64)
     assert torch.allclose(tower(x), sam.image_encoder(x), atol=1e-6)
     assert (tower.out_channels, tower.grid_size) == (sam_cfg.prompt_embed_dim, (8, 8))
+    # earlier states: 0 = patch embedding, 1..depth = blocks (embed_dim channels)
+    enc = sam.image_encoder
+    blocks = build_vision_tower(
+        VisionTowerConfig(name="sam_encoder", path=str(ckpt), image_size=64, feature_layer=1)
+    )
+    expected = enc.blocks[0](enc.patch_embed(x) + enc.pos_embed).permute(0, 3, 1, 2)
+    assert torch.allclose(blocks(x), expected, atol=1e-6)
+    assert blocks.out_channels == sam_cfg.encoder_embed_dim
     with pytest.raises(ConfigError, match="vision_tower.image_size=64"):
         build_vision_tower(VisionTowerConfig(name="sam_encoder", path=str(ckpt), image_size=128))
 
