@@ -27,6 +27,11 @@ OVERRIDES_HELP = textwrap.dedent(
 _ALIASES = {"sweep": "sweep.space", "study": "sweep.name"}
 
 
+def _expand_alias(override: str) -> str:
+    key, sep, value = override.partition("=")
+    return f"{_ALIASES.get(key, key)}{sep}{value}"
+
+
 def _config_command(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.add_argument(
@@ -39,10 +44,7 @@ def _load(args: argparse.Namespace):
 
     from lightning_modules.config import load_config, load_saved_config
 
-    overrides = [
-        _ALIASES.get(o.split("=", 1)[0], o.split("=", 1)[0]) + o[o.find("=") :] if "=" in o else o
-        for o in args.overrides
-    ]
+    overrides = [_expand_alias(o) for o in args.overrides]
     if getattr(args, "config", None):
         cfg = load_saved_config(args.config, overrides)
     else:
