@@ -73,15 +73,19 @@ def _check(cfg: TrainSamConfig) -> None:
     )
     for key in positive:
         if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
+            raise ConfigError(f"train_sam.{key}={getattr(cfg, key)} must be positive")
     for key in ("weight_decay", "warmup_steps", "num_workers"):
         if getattr(cfg, key) < 0:
-            raise ConfigError(f"{key}={getattr(cfg, key)} must not be negative")
+            raise ConfigError(f"train_sam.{key}={getattr(cfg, key)} must not be negative")
     for key in ("max_minutes", "val_limit"):
         if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key}={getattr(cfg, key)} must be positive or null (no limit)")
+            raise ConfigError(
+                f"train_sam.{key}={getattr(cfg, key)} must be positive or null (no limit)"
+            )
     if not str(cfg.out).endswith(".pth"):
-        raise ConfigError(f"out={cfg.out!r} must be a .pth path (its .json sidecar goes beside it)")
+        raise ConfigError(
+            f"train_sam.out={cfg.out!r} must end in .pth (its .json sidecar goes beside it)"
+        )
 
 
 class SamInstanceDataset(Dataset):
@@ -108,6 +112,7 @@ class SamInstanceDataset(Dataset):
         masks = masks[torch.randperm(masks.shape[0])[: self.instances]].float()
         if masks.shape[0] and masks.shape[-2:] != image.shape[-2:]:
             masks = F.interpolate(masks[None], image.shape[-2:], mode="nearest")[0]
+            masks = masks[masks.flatten(1).any(1)]
         if self.flip:
             dims = [d for d, p in zip((-1, -2), torch.rand(2)) if p < 0.5]
             if dims:
@@ -369,7 +374,7 @@ def train_sam(cfg: TrainSamConfig, progress: bool = True) -> dict[str, Any]:
         max_epochs=-1,
         max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes else None,
         logger=pl.loggers.TensorBoardLogger(out.parent, name="tb", default_hp_metric=False),
-        log_every_n_steps=10,
+        log_every_n_steps=max(1, min(10, len(loader))),
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress,
