@@ -168,10 +168,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lightning_modules.pipeline import run_demo
+    from lightning_modules.pipeline import DEMO_OVERRIDES, run_demo
 
-    # The demo's own study; the user's overrides come after, so they can replace it.
-    args.overrides = ["sweep.space=demo_grid", "sweep.name=demo", *args.overrides]
+    # The demo's own settings first; the user's overrides come after, so they can replace them.
+    args.overrides = [*DEMO_OVERRIDES, *args.overrides]
     run_demo(_load(args))
     return 0
 

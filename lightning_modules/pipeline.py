@@ -183,6 +183,20 @@ def run_bench(cfg: DictConfig) -> None:
     print(projector_bench(cfg))
 
 
+# What `svp demo` changes in the tiny preset to fit its 20-minute budget on 2 CPU cores (measured in
+# docs/BENCHMARKS.md). The demo's small SAM has its own file, so a short demo never stands in for
+# the tiny preset's full 500-step SAM; every later stage (superpixel cache, mask decoder, vision
+# tower) keys on that file and follows it.
+DEMO_OVERRIDES = (
+    "sweep.space=demo_grid",
+    "sweep.name=demo",
+    "train_sam.max_steps=200",
+    "train_sam.val_limit=150",
+    "train_sam.out=${runs_root}/demo/sam/sam_small.pth",
+    "superpixels.points_per_side=8",
+)
+
+
 def run_demo(cfg: DictConfig) -> None:
     """SynthRef → small SAM → superpixels → short projector grid → report (cached stages skip)."""
     from datamodules.synthetic import SynthConfig, generate_synthref, synthref_exists

@@ -45,7 +45,9 @@ def test_demo_runs_every_stage_and_skips_them_on_rerun(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     runs = tmp_path / "runs"
-    assert (runs / "sam" / "sam_small.pth").is_file()
+    # the demo's short SAM has its own file: it never stands in for the tiny preset's SAM
+    assert (runs / "demo" / "sam" / "sam_small.pth").is_file()
+    assert not (runs / "sam" / "sam_small.pth").exists()
     assert list((runs / "cache").glob("sam-*/meta.json"))
     for name in ("report.md", "trials.csv", "pareto.png"):
         assert (runs / "demo" / name).is_file()
