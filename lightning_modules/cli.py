@@ -167,6 +167,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from lightning_modules.diagnostics import diagnose_grounding
+
+    diagnose_grounding(
+        _load(args), mode=args.mode, steps=args.steps, eval_every=args.eval_every, out=args.out
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lightning_modules.pipeline import DEMO_OVERRIDES, run_demo
 
@@ -285,6 +294,29 @@ def build_parser() -> argparse.ArgumentParser:
     add("report", "Write the Pareto report of a study (sweep.name=<study>).", cmd_report)
     add("bench", "Measure tokens, step time and latency per projector.", cmd_bench)
     add("demo", "The offline end-to-end demo (what `make demo` runs).", cmd_demo)
+    from lightning_modules.diagnostics import MODES
+
+    dg = sub.add_parser(
+        "diagnose",
+        help="Learning diagnostics (oracle prompts) for a RIS config.",
+        description="Learning diagnostics for a RIS config.",
+    )
+    dg_sub = dg.add_subparsers(dest="diagnose_command", metavar="<diagnose command>", required=True)
+    p = dg_sub.add_parser(
+        "grounding",
+        help="Train the mask path with the [SEG] prompt from the LLM or from an oracle.",
+        description="Train the mask path for --steps with the [SEG] prompt from the LLM (llm) or "
+        "an oracle (oracle_point, oracle_token, text_only) and print val cIoU and the spread of "
+        "the [SEG] hidden state; writes <runs_root>/diagnose/<projector>-<mode>/diagnose.json.",
+        epilog=OVERRIDES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=cmd_diagnose)
+    _config_command(p)
+    p.add_argument("--mode", choices=MODES, default="llm", help="prompt source (default: llm)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
+    p.add_argument("--eval-every", type=int, default=200, help="val every N steps (default: 200)")
+    p.add_argument("--out", default=None, help="output folder")
     return parser
 
 

@@ -1,0 +1,57 @@
+"""`svp diagnose grounding`: every prompt source trains, evaluates and writes its curve."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_run_overrides
+
+from datamodules.errors import ConfigError
+from lightning_modules.cli import main
+from lightning_modules.config import load_config
+from lightning_modules.diagnostics import MODES, GroundingProbe, diagnose_grounding
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_trains_and_writes_a_curve(mode, synthref_root, tiny_sam_checkpoint, tmp_path):
+    cfg = load_config(
+        [
+            *tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path / "runs", "semantic"),
+            "data.limit_val_sentences=8",
+        ]
+    )
+    result = diagnose_grounding(cfg, mode=mode, steps=3, eval_every=2, progress=False)
+    assert [p["step"] for p in result["curve"]] == [2, 3]
+    for point in result["curve"]:
+        assert 0.0 <= point["val_ciou"] <= 1.0 and 0.0 <= point["val_giou"] <= 1.0
+        assert math.isfinite(point["train_dice"]) and point["seg_std"] >= 0.0
+    written = tmp_path / "runs" / "diagnose" / f"semantic-{mode}" / "diagnose.json"
+    assert json.loads(written.read_text()) == result
+
+
+def test_oracle_token_reaches_the_seg_hidden_state(synthref_root, tiny_sam_checkpoint, tmp_path):
+    """The oracle token is the only visual token: different targets give different [SEG] states."""
+    from datamodules.ris import RISDataModule
+    from lightning_modules.ris_model import RISModel
+    from lightning_modules.tokenizer_setup import tokenizer_for
+
+    cfg = load_config(tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path / "r"))
+    tok = tokenizer_for(cfg)
+    dm = RISDataModule(cfg, tok)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    probe = GroundingProbe(RISModel(cfg, tok), "oracle_token").eval()
+    hidden = probe._hidden(batch)
+    moved = dict(batch, masks=[torch.roll(m, shifts=8, dims=1) for m in batch["masks"]])
+    assert not torch.allclose(hidden, probe._hidden(moved))
+
+
+def test_cli_rejects_bad_steps(synthref_root, tiny_sam_checkpoint, tmp_path, capsys):
+    args = tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path / "runs")
+    assert main(["diagnose", "grounding", "--steps", "0", *args]) == 2
+    assert "--steps" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown"):
+        GroundingProbe(None, "nope")
