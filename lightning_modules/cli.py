@@ -171,7 +171,12 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from lightning_modules.diagnostics import diagnose_grounding
 
     diagnose_grounding(
-        _load(args), mode=args.mode, steps=args.steps, eval_every=args.eval_every, out=args.out
+        _load(args),
+        mode=args.mode,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        out=args.out,
+        select_steps=args.select_steps,
     )
     return 0
 
@@ -317,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
     p.add_argument("--eval-every", type=int, default=200, help="val every N steps (default: 200)")
     p.add_argument("--out", default=None, help="output folder")
+    p.add_argument(
+        "--select-steps",
+        type=int,
+        default=0,
+        help="first N steps as oracle_select (curriculum; semantic only; default: 0)",
+    )
     return parser
 
 

@@ -10,7 +10,12 @@ from a different source, so each link is tested on its own:
 * ``oracle_token``: that same vector spliced in as the *only* visual token and read back from the
   [SEG] hidden state; tests that the LLM can carry location to [SEG];
 * ``text_only``: a bag of the sentence's word embeddings → the [SEG] MLP; how far the mask decoder
-  gets by matching text to SAM's image embedding without any grounding in the LLM.
+  gets by matching text to SAM's image embedding without any grounding in the LLM;
+* ``oracle_select`` (``semantic`` only): the projector's real tokens, but the LLM sees only the
+  token of the superpixel that overlaps the target most; the selection is done for the LLM.
+
+``--select-steps N`` runs the first N steps as ``oracle_select`` and the rest as ``mode``: a
+curriculum that trains the token → [SEG] → prompt path before the LLM must learn to select.
 
 It logs train losses, val cIoU/gIoU and the spread across the batch of the [SEG] hidden state
 (`seg_std`): a spread that falls towards 0 while cIoU stays flat means the prompt collapsed to one
@@ -33,7 +38,7 @@ from tqdm.auto import tqdm
 
 from datamodules.errors import ConfigError
 
-MODES = ("llm", "oracle_point", "oracle_token", "text_only")
+MODES = ("llm", "oracle_point", "oracle_token", "text_only", "oracle_select")
 
 
 class GroundingProbe(nn.Module):
@@ -43,6 +48,8 @@ class GroundingProbe(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ConfigError(f"diagnose mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+        if mode == "oracle_select" and model.cfg.projector.name != "semantic":
+            raise ConfigError("diagnose mode oracle_select needs projector=semantic")
         self.model, self.mode = model, mode
         hidden = model.llm.get_input_embeddings().embedding_dim
         pe_dim = model.sam.prompt_encoder.embed_dim
@@ -66,6 +73,23 @@ class GroundingProbe(nn.Module):
         coords = torch.stack(points)[:, None, :].to(self.model.device)
         return self.model.sam.prompt_encoder.pe_layer._pe_encoding(coords)[:, 0]
 
+    def _target_token(self, batch: dict, grid_h: int, k: int) -> torch.Tensor:
+        """B×k bool: the token whose superpixel overlaps the target mask most."""
+        from lightning_modules.projectors.semantic import order_superpixels
+
+        cfg = self.model.projector.cfg
+        labels, _ = order_superpixels(batch["labels"], cfg.max_tokens, cfg.ordering, grid_h)
+        keep = torch.zeros(labels.shape[0], k, dtype=torch.bool, device=labels.device)
+        for b, gt in enumerate(batch["masks"]):
+            small = F.interpolate(gt[None, None].float(), size=labels.shape[1:], mode="nearest")
+            inside = labels[b][small[0, 0] > 0]
+            inside = inside[inside >= 0]
+            if len(inside):
+                keep[b, int(torch.bincount(inside).argmax())] = True
+            else:
+                keep[b, 0] = True
+        return keep
+
     def _hidden(self, batch: dict) -> torch.Tensor:
         m = self.model
         if self.mode == "oracle_point":
@@ -82,6 +106,8 @@ class GroundingProbe(nn.Module):
             feats = m.tower_features(batch["images"], batch["image_ids"])
             proj = m.projector(feats, batch.get("labels"))
             tokens, mask = proj.tokens, proj.mask
+            if self.mode == "oracle_select":
+                mask = mask & self._target_token(batch, feats.shape[-2], mask.shape[1])
         emb, attn, _, seg_pos = m.build_inputs(tokens, mask, batch)
         out = m.llm(inputs_embeds=emb, attention_mask=attn, output_hidden_states=True)
         hidden = out.hidden_states[-1]
@@ -140,6 +166,7 @@ def diagnose_grounding(
     eval_every: int = 200,
     out: str | Path | None = None,
     progress: bool = True,
+    select_steps: int = 0,
 ) -> dict:
     """Train `steps` steps with the prompt from `mode`; returns (and writes) the learning curve.
 
@@ -153,13 +180,17 @@ def diagnose_grounding(
     if steps < 1 or eval_every < 1:
         raise ConfigError(f"--steps ({steps}) and --eval-every ({eval_every}) must be ≥ 1")
     torch.manual_seed(cfg.seed)
-    run = Path(out) if out else Path(cfg.runs_root) / "diagnose" / f"{cfg.projector.name}-{mode}"
+    tag = f"{cfg.projector.name}-{mode}" + (f"-select{select_steps}" if select_steps else "")
+    run = Path(out) if out else Path(cfg.runs_root) / "diagnose" / tag
     run.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer_for(cfg, run / "tokenizer")
     dm = RISDataModule(cfg, tokenizer)
     dm.prepare_data()
     dm.setup("fit")
-    probe = GroundingProbe(RISModel(cfg, tokenizer), mode)
+    model = RISModel(cfg, tokenizer)
+    probe = GroundingProbe(model, mode)
+    if select_steps:
+        GroundingProbe(model, "oracle_select")  # raises unless the projector can select
     probe.train()
     params = [p for p in probe.parameters() if p.requires_grad]
     o = cfg.optim
@@ -178,6 +209,7 @@ def diagnose_grounding(
     bar = tqdm(total=steps, desc=f"diagnose {mode}", disable=not progress)
     while step < steps:
         for batch in dm.train_dataloader():
+            probe.mode = "oracle_select" if step < select_steps else mode
             out_ = probe(batch)
             loss, bce, dice = probe.loss(out_, batch)
             opt.zero_grad()
@@ -190,6 +222,7 @@ def diagnose_grounding(
             recent.append((bce, dice, probe.seg_std))
             bar.update()
             if step % eval_every == 0 or step == steps:
+                probe.mode = mode
                 ciou, giou = _evaluate(probe, val)
                 bce_m, dice_m, std_m = np.mean(recent, axis=0).tolist()
                 recent = []
@@ -210,7 +243,13 @@ def diagnose_grounding(
             if step >= steps:
                 break
     bar.close()
-    result = {"mode": mode, "projector": cfg.projector.name, "steps": steps, "curve": curve}
+    result = {
+        "mode": mode,
+        "select_steps": select_steps,
+        "projector": cfg.projector.name,
+        "steps": steps,
+        "curve": curve,
+    }
     tmp = run / "diagnose.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(run / "diagnose.json")

@@ -87,6 +87,7 @@ def test_num_tokens_skips_forward(name, monkeypatch):
 GRADIENT_CASES = [(name, {}) for name in sorted(PROJECTORS)] + [
     ("semantic", {"pooling": "attn"}),
     ("semantic", {"pooling": "max"}),
+    ("semantic", {"sspe_frequencies": 3}),
     ("resampler", {"num_layers": 2}),
 ]
 
@@ -175,10 +176,13 @@ def test_coverage_is_adaptive_pool_of_one_hot(size, grid):
     torch.testing.assert_close(superpixel_coverage(labels, 6, *grid), expected)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "max", "attn"])
-def test_semantic_padding_invariance(pooling):
+@pytest.mark.parametrize(
+    "overrides",
+    [{"pooling": "mean"}, {"pooling": "max"}, {"pooling": "attn"}, {"sspe_frequencies": 4}],
+)
+def test_semantic_padding_invariance(overrides):
     features, labels = batch(ks=(4, 11))
-    proj = make("semantic", pooling=pooling).eval()
+    proj = make("semantic", **overrides).eval()
     with torch.no_grad():
         alone = proj(features[:1], labels[:1])
         together = proj(features, labels)
@@ -304,3 +308,23 @@ def test_semantic_all_padding_gives_no_tokens():
     assert out.tokens.shape == (2, 1, OUT_DIM) and out.mask.tolist() == [[True], [False]]
     assert proj(features[1:], labels[1:]).tokens.shape == (1, 0, OUT_DIM)
     assert proj.num_tokens(features, labels).tolist() == [1, 0]
+
+
+def test_fourier_geometry_expands_the_seven_numbers_and_zeroes_padding():
+    from lightning_modules.projectors.semantic import GEOMETRY_DIM, fourier_geometry
+
+    geometry = torch.rand(2, 3, GEOMETRY_DIM + 16)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    out = fourier_geometry(geometry, 2, mask)
+    assert out.shape == (2, 3, GEOMETRY_DIM + 16 + 4 * GEOMETRY_DIM)
+    torch.testing.assert_close(out[..., : GEOMETRY_DIM + 16], geometry)
+    x = geometry[0, 0, 0]
+    waves = out[0, 0, GEOMETRY_DIM + 16 :]
+    # sin of column 0 at π, then at 2π; cos of column 0 at π comes after all 2·7 sines
+    torch.testing.assert_close(waves[0], torch.sin(torch.pi * x))
+    torch.testing.assert_close(waves[1], torch.sin(2 * torch.pi * x))
+    torch.testing.assert_close(waves[2 * GEOMETRY_DIM], torch.cos(torch.pi * x))
+    assert (out[0, 2, GEOMETRY_DIM + 16 :] == 0).all() and (
+        out[1, 1:, GEOMETRY_DIM + 16 :] == 0
+    ).all()
+    assert fourier_geometry(geometry, 0, mask) is geometry
