@@ -311,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         "grounding",
         help="Train the mask path with the [SEG] prompt from the LLM or from an oracle.",
         description="Train the mask path for --steps with the [SEG] prompt from the LLM (llm) or "
-        "an oracle (oracle_point, oracle_token, text_only) and print val cIoU and the spread of "
-        "the [SEG] hidden state; writes <runs_root>/diagnose/<projector>-<mode>/diagnose.json.",
+        "an oracle (oracle_point, oracle_token, text_only, oracle_select) and print val cIoU and "
+        "the spread of the [SEG] hidden state; writes "
+        "<runs_root>/diagnose/<projector>-<mode>/diagnose.json.",
         epilog=OVERRIDES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

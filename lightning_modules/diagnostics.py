@@ -176,9 +176,11 @@ def diagnose_grounding(
     from datamodules.ris import RISDataModule
     from lightning_modules.ris_model import RISModel
     from lightning_modules.tokenizer_setup import tokenizer_for
+    from lightning_modules.train import _check_inputs
 
     if steps < 1 or eval_every < 1:
         raise ConfigError(f"--steps ({steps}) and --eval-every ({eval_every}) must be ≥ 1")
+    _check_inputs(cfg)  # the SAM checkpoint and the data set exist, else a clear error
     torch.manual_seed(cfg.seed)
     tag = f"{cfg.projector.name}-{mode}" + (f"-select{select_steps}" if select_steps else "")
     run = Path(out) if out else Path(cfg.runs_root) / "diagnose" / tag
