@@ -299,8 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("report", "Write the Pareto report of a study (sweep.name=<study>).", cmd_report)
     add("bench", "Measure tokens, step time and latency per projector.", cmd_bench)
     add("demo", "The offline end-to-end demo (what `make demo` runs).", cmd_demo)
-    from lightning_modules.diagnostics import MODES
-
     dg = sub.add_parser(
         "diagnose",
         help="Learning diagnostics (oracle prompts) for a RIS config.",
@@ -319,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_diagnose)
     _config_command(p)
-    p.add_argument("--mode", choices=MODES, default="llm", help="prompt source (default: llm)")
+    # checked by diagnose_grounding: importing its MODES here would load torch for every command
+    p.add_argument("--mode", default="llm", help="prompt source, one of the above (default: llm)")
     p.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
     p.add_argument("--eval-every", type=int, default=200, help="val every N steps (default: 200)")
     p.add_argument("--out", default=None, help="output folder")

@@ -24,7 +24,6 @@ constant "typical object" prompt. No Lightning: a plain loop, so a 600-step prob
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -41,15 +40,20 @@ from datamodules.errors import ConfigError
 MODES = ("llm", "oracle_point", "oracle_token", "text_only", "oracle_select")
 
 
+def check_mode(mode: str, projector: str) -> None:
+    """Raise a ConfigError unless `mode` is known and works with `projector`."""
+    if mode not in MODES:
+        raise ConfigError(f"diagnose mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+    if mode == "oracle_select" and projector != "semantic":
+        raise ConfigError("diagnose mode oracle_select needs projector=semantic")
+
+
 class GroundingProbe(nn.Module):
     """Wraps a `RISModel`; `forward(batch)` returns mask logits with the prompt from `mode`."""
 
     def __init__(self, model, mode: str):
         super().__init__()
-        if mode not in MODES:
-            raise ConfigError(f"diagnose mode {mode!r} is unknown; use one of {', '.join(MODES)}")
-        if mode == "oracle_select" and model.cfg.projector.name != "semantic":
-            raise ConfigError("diagnose mode oracle_select needs projector=semantic")
+        check_mode(mode, model.cfg.projector.name)
         self.model, self.mode = model, mode
         hidden = model.llm.get_input_embeddings().embedding_dim
         pe_dim = model.sam.prompt_encoder.embed_dim
@@ -114,49 +118,32 @@ class GroundingProbe(nn.Module):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), seg_pos - 1].float()
 
     def forward(self, batch: dict) -> dict:
-        from lightning_modules.mask_decoding import decode_masks
-
         m = self.model
         hidden = self._hidden(batch)
         if hidden.shape[0] > 1:
             self.seg_std = float(hidden.detach().std(0).mean())
-        images = batch["images"]
-        low = decode_masks(m.sam, m.sam_features(images, batch["image_ids"]), m.seg_head(hidden))
-        masks = []
-        for b, img in enumerate(images):
-            h, w = int(img.shape[0]), int(img.shape[1])
-            size = m._resized_size(h, w)
-            masks.append(m.sam.postprocess_masks(low[b : b + 1], size, (h, w))[0, 0])
-        return {"mask_logits": masks}
+        return {"mask_logits": m.decode(m.seg_head(hidden), batch["images"], batch["image_ids"])}
 
     def loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, float, float]:
         w = self.model.cfg.loss
-        bce, dice = [], []
-        from lightning_modules.mask_decoding import dice_loss
-
-        for logit, gt in zip(out["mask_logits"], batch["masks"]):
-            target = gt.to(logit.device).float()
-            bce.append(F.binary_cross_entropy_with_logits(logit, target))
-            dice.append(dice_loss(logit, target))
-        bce_m, dice_m = torch.stack(bce).mean(), torch.stack(dice).mean()
+        bce_m, dice_m = self.model.mask_losses(out["mask_logits"], batch["masks"])
         total = w.bce_weight * bce_m + w.dice_weight * dice_m
         return total, float(bce_m.detach()), float(dice_m.detach())
 
 
 @torch.no_grad()
 def _evaluate(probe: GroundingProbe, loader) -> tuple[float, float]:
+    """Val cIoU and gIoU with the metrics `svp train` logs."""
+    from lightning_modules.metrics import CIoU, GIoU
+
     probe.eval()
-    inter = union = 0
-    per_sample = []
+    ciou, giou = CIoU(), GIoU()
     for batch in loader:
-        out = probe(batch)
-        for logit, gt in zip(out["mask_logits"], batch["masks"]):
-            pred, gt = logit > 0, gt.to(logit.device).bool()
-            i, u = int((pred & gt).sum()), int((pred | gt).sum())
-            inter, union = inter + i, union + u
-            per_sample.append(i / u if u else 1.0)
+        preds = [(logit > 0).to(torch.uint8) for logit in probe(batch)["mask_logits"]]
+        ciou.update(preds, batch["masks"])
+        giou.update(preds, batch["masks"])
     probe.train()
-    return inter / max(union, 1), float(np.mean(per_sample))
+    return float(ciou.compute()), float(giou.compute())
 
 
 def diagnose_grounding(
@@ -176,10 +163,13 @@ def diagnose_grounding(
     from datamodules.ris import RISDataModule
     from lightning_modules.ris_model import RISModel
     from lightning_modules.tokenizer_setup import tokenizer_for
-    from lightning_modules.train import _check_inputs
+    from lightning_modules.train import _check_inputs, _write_json
 
     if steps < 1 or eval_every < 1:
         raise ConfigError(f"--steps ({steps}) and --eval-every ({eval_every}) must be ≥ 1")
+    check_mode(mode, cfg.projector.name)
+    if select_steps:
+        check_mode("oracle_select", cfg.projector.name)
     _check_inputs(cfg)  # the SAM checkpoint and the data set exist, else a clear error
     torch.manual_seed(cfg.seed)
     tag = f"{cfg.projector.name}-{mode}" + (f"-select{select_steps}" if select_steps else "")
@@ -189,10 +179,7 @@ def diagnose_grounding(
     dm = RISDataModule(cfg, tokenizer)
     dm.prepare_data()
     dm.setup("fit")
-    model = RISModel(cfg, tokenizer)
-    probe = GroundingProbe(model, mode)
-    if select_steps:
-        GroundingProbe(model, "oracle_select")  # raises unless the projector can select
+    probe = GroundingProbe(RISModel(cfg, tokenizer), mode)
     probe.train()
     params = [p for p in probe.parameters() if p.requires_grad]
     o = cfg.optim
@@ -252,8 +239,6 @@ def diagnose_grounding(
         "steps": steps,
         "curve": curve,
     }
-    tmp = run / "diagnose.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(run / "diagnose.json")
+    _write_json(run / "diagnose.json", result)
     print(f"learning curve written to {run / 'diagnose.json'}")
     return result

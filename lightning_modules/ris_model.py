@@ -224,17 +224,7 @@ class RISModel(pl.LightningModule):
         hidden = out.hidden_states[-1]
         # The hidden state that predicts [SEG] sits one position before it.
         seg_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), seg_pos - 1]
-        prompt = self.seg_head(seg_hidden.float())
-        sam_emb = self.sam_features(images, image_ids)
-        low_res = decode_masks(self.sam, sam_emb, prompt)
-        masks = []
-        for b, img in enumerate(images):
-            h, w = int(img.shape[0]), int(img.shape[1])
-            masks.append(
-                self.sam.postprocess_masks(low_res[b : b + 1], self._resized_size(h, w), (h, w))[
-                    0, 0
-                ]
-            )
+        masks = self.decode(self.seg_head(seg_hidden.float()), images, image_ids)
         return {
             "mask_logits": masks,
             "ce": ce,
@@ -243,14 +233,29 @@ class RISModel(pl.LightningModule):
             "seq_len": attn.sum(1),
         }
 
-    def losses(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+    def decode(self, prompts: torch.Tensor, images: list, image_ids: torch.Tensor) -> list:
+        """Mask logits at each image's own size, from one SAM prompt embedding per image."""
+        low_res = decode_masks(self.sam, self.sam_features(images, image_ids), prompts)
+        masks = []
+        for b, img in enumerate(images):
+            h, w = int(img.shape[0]), int(img.shape[1])
+            size = self._resized_size(h, w)
+            masks.append(self.sam.postprocess_masks(low_res[b : b + 1], size, (h, w))[0, 0])
+        return masks
+
+    @staticmethod
+    def mask_losses(mask_logits: list, masks: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch means of the per-sample BCE and Dice losses."""
         bce, dice = [], []
-        for logit, gt in zip(out["mask_logits"], batch["masks"]):
+        for logit, gt in zip(mask_logits, masks):
             target = gt.to(logit.device).float()
             bce.append(F.binary_cross_entropy_with_logits(logit, target))
             dice.append(dice_loss(logit, target))
+        return torch.stack(bce).mean(), torch.stack(dice).mean()
+
+    def losses(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
         w = self.cfg.loss
-        bce_m, dice_m = torch.stack(bce).mean(), torch.stack(dice).mean()
+        bce_m, dice_m = self.mask_losses(out["mask_logits"], batch["masks"])
         total = w.ce_weight * out["ce"] + w.bce_weight * bce_m + w.dice_weight * dice_m
         return {"loss": total, "ce": out["ce"], "bce": bce_m, "dice": dice_m}
 

@@ -12,7 +12,12 @@ from conftest import tiny_run_overrides
 from datamodules.errors import ConfigError
 from lightning_modules.cli import main
 from lightning_modules.config import load_config
-from lightning_modules.diagnostics import MODES, GroundingProbe, diagnose_grounding
+from lightning_modules.diagnostics import (
+    MODES,
+    GroundingProbe,
+    check_mode,
+    diagnose_grounding,
+)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -49,9 +54,11 @@ def test_oracle_token_reaches_the_seg_hidden_state(synthref_root, tiny_sam_check
     assert not torch.allclose(hidden, probe._hidden(moved))
 
 
-def test_cli_rejects_bad_steps(synthref_root, tiny_sam_checkpoint, tmp_path, capsys):
+def test_cli_rejects_bad_steps_and_modes(synthref_root, tiny_sam_checkpoint, tmp_path, capsys):
     args = tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path / "runs")
     assert main(["diagnose", "grounding", "--steps", "0", *args]) == 2
     assert "--steps" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="unknown"):
-        GroundingProbe(None, "nope")
+    assert main(["diagnose", "grounding", "--mode", "nope", *args]) == 2
+    assert "unknown" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="needs projector=semantic"):
+        check_mode("oracle_select", "mlp")
