@@ -95,6 +95,7 @@ class CacheConfig:
 
 def _component_configs() -> dict[str, type]:
     from datamodules.synthetic import SynthConfig
+    from lightning_modules.grounding import GroundingConfig
     from lightning_modules.llm import LLMConfig
     from lightning_modules.sam_training import TrainSamConfig
     from lightning_modules.vision_tower import VisionTowerConfig
@@ -106,6 +107,7 @@ def _component_configs() -> dict[str, type]:
         "llm": LLMConfig,
         "train_sam": TrainSamConfig,
         "sweep": SweepConfig,
+        "grounding": GroundingConfig,
     }
 
 
@@ -126,6 +128,7 @@ def _make_run_schema() -> type:
         ("projector", Any, field(default=None)),
         ("llm", comps["llm"], field(default_factory=comps["llm"])),
         ("mask_decoder", MaskDecoderConfig, field(default_factory=MaskDecoderConfig)),
+        ("grounding", comps["grounding"], field(default_factory=comps["grounding"])),
         ("loss", LossConfig, field(default_factory=LossConfig)),
         ("optim", OptimConfig, field(default_factory=OptimConfig)),
         ("trainer", TrainerConfig, field(default_factory=TrainerConfig)),

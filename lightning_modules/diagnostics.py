@@ -62,6 +62,7 @@ class GroundingProbe(nn.Module):
         elif mode == "text_only":
             self.oracle = nn.EmbeddingBag(len(model.tokenizer), hidden)
         self.seg_std = float("nan")
+        self.point_acc = float("nan")  # top-1 pointing accuracy of the grounding head, if any
 
     def _centroid_code(self, masks: list[torch.Tensor]) -> torch.Tensor:
         points = []
@@ -112,13 +113,18 @@ class GroundingProbe(nn.Module):
             tokens, mask = proj.tokens, proj.mask
             if self.mode == "oracle_select":
                 mask = mask & self._target_token(batch, feats.shape[-2], mask.shape[1])
-        emb, attn, _, seg_pos = m.build_inputs(tokens, mask, batch)
+        emb, attn, _, seg_pos, _ = m.build_inputs(tokens, mask, batch)
         out = m.llm(inputs_embeds=emb, attention_mask=attn, output_hidden_states=True)
         hidden = out.hidden_states[-1]
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), seg_pos - 1].float()
 
     def forward(self, batch: dict) -> dict:
         m = self.model
+        if self.mode == "llm":  # the whole model, grounding head included
+            out = m(batch)
+            if out["seg_hidden"].shape[0] > 1:
+                self.seg_std = float(out["seg_hidden"].detach().std(0).mean())
+            return out
         hidden = self._hidden(batch)
         if hidden.shape[0] > 1:
             self.seg_std = float(hidden.detach().std(0).mean())
@@ -128,6 +134,11 @@ class GroundingProbe(nn.Module):
         w = self.model.cfg.loss
         bce_m, dice_m = self.model.mask_losses(out["mask_logits"], batch["masks"])
         total = w.bce_weight * bce_m + w.dice_weight * dice_m
+        self.point_acc = float("nan")
+        if "ground_logits" in out:
+            ground, acc = self.model.grounding_terms(out, batch)
+            total = total + self.model.cfg.grounding.weight * ground
+            self.point_acc = float(acc)
         return total, float(bce_m.detach()), float(dice_m.detach())
 
 
@@ -208,12 +219,12 @@ def diagnose_grounding(
             opt.step()
             sched.step()
             step += 1
-            recent.append((bce, dice, probe.seg_std))
+            recent.append((bce, dice, probe.seg_std, probe.point_acc))
             bar.update()
             if step % eval_every == 0 or step == steps:
                 probe.mode = mode
                 ciou, giou = _evaluate(probe, val)
-                bce_m, dice_m, std_m = np.mean(recent, axis=0).tolist()
+                bce_m, dice_m, std_m, acc_m = np.mean(recent, axis=0).tolist()
                 recent = []
                 point = {
                     "step": step,
@@ -222,12 +233,13 @@ def diagnose_grounding(
                     "train_bce": bce_m,
                     "train_dice": dice_m,
                     "seg_std": std_m,
+                    "train_point_acc": acc_m,
                     "minutes": (time.time() - start) / 60,
                 }
                 curve.append(point)
                 bar.write(
                     f"step {step}: val cIoU {ciou:.4f} gIoU {giou:.4f} | train dice {dice_m:.3f} "
-                    f"| [SEG] hidden spread {std_m:.4f}"
+                    f"| [SEG] hidden spread {std_m:.4f} | train point acc {acc_m:.3f}"
                 )
             if step >= steps:
                 break

@@ -13,8 +13,18 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
+from datamodules.errors import ConfigError
+from lightning_modules.grounding import (
+    GROUNDING_KEYS,
+    GroundingHead,
+    grid_targets,
+    grounding_loss,
+    target_distribution,
+    token_centroids,
+)
 from lightning_modules.mask_decoding import SegPromptHead, decode_masks, dice_loss
 from lightning_modules.metrics import CIoU, GIoU, token_stats
 
@@ -122,6 +132,20 @@ class RISModel(pl.LightningModule):
         self.projector = build_projector(cfg.projector, self.tower.out_channels, hidden)
         prompt_dim = self.sam.prompt_encoder.embed_dim
         self.seg_head = SegPromptHead(hidden, cfg.mask_decoder.seg_mlp_hidden, prompt_dim)
+        self.grounding = None
+        g = cfg.grounding
+        if g.keys not in GROUNDING_KEYS:
+            raise ConfigError(
+                f"grounding.keys must be one of {', '.join(GROUNDING_KEYS)}, got {g.keys!r}."
+            )
+        if g.weight > 0 or g.pointer:
+            if self.projector.has_regions:
+                self.grounding = GroundingHead(hidden, g.dim, prompt_dim, bool(g.pointer))
+            else:
+                rank_zero_warn(
+                    f"projector {cfg.projector.name!r} has tokens without an image footprint; "
+                    "the grounding head (grounding.weight / grounding.pointer) is off for it."
+                )
 
         disk = Path(cfg.cache.root) / "features" if cfg.cache.features else None
         self.tower_features = FrozenEncoder(
@@ -170,10 +194,14 @@ class RISModel(pl.LightningModule):
 
     # ------------------------------------------------------------------ sequence building
     def build_inputs(self, tokens: torch.Tensor, token_mask: torch.Tensor, batch: dict):
-        """Splice each sample's own visual tokens in place of `<image>`; pad on the right."""
+        """Splice each sample's own visual tokens in place of `<image>`; pad on the right.
+
+        Returns embeddings, attention mask, text labels, the [SEG] position and the position of
+        the first visual token, per sample.
+        """
         embed = self.llm.get_input_embeddings()
         ids, labels, lengths = batch["input_ids"], batch["text_labels"], batch["text_lengths"]
-        seqs, labs, seg_pos = [], [], []
+        seqs, labs, seg_pos, image_pos = [], [], [], []
         for b in range(ids.shape[0]):
             n_text = int(lengths[b])
             row = ids[b, :n_text]
@@ -183,6 +211,7 @@ class RISModel(pl.LightningModule):
                     f"sample {b}: expected exactly one <image> token, found {len(where)}"
                 )
             k = int(where[0])
+            image_pos.append(k)
             vis = tokens[b][token_mask[b]]
             text = embed(row)
             seqs.append(torch.cat([text[:k], vis.to(text.dtype), text[k + 1 :]]))
@@ -202,7 +231,14 @@ class RISModel(pl.LightningModule):
             emb[b, : s.shape[0]] = s
             attn[b, : s.shape[0]] = 1
             lab_out[b, : lb.shape[0]] = lb
-        return emb, attn, lab_out, torch.tensor(seg_pos, device=emb.device)
+        dev = emb.device
+        return (
+            emb,
+            attn,
+            lab_out,
+            torch.tensor(seg_pos, device=dev),
+            torch.tensor(image_pos, device=dev),
+        )
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict) -> dict[str, Any]:
@@ -211,7 +247,9 @@ class RISModel(pl.LightningModule):
         if self.tower.training and not self.cfg.vision.frozen:
             feats = self.tower(self.tower.preprocess(images))
         proj = self.projector(feats, batch.get("labels"))
-        emb, attn, text_labels, seg_pos = self.build_inputs(proj.tokens, proj.mask, batch)
+        emb, attn, text_labels, seg_pos, image_pos = self.build_inputs(
+            proj.tokens, proj.mask, batch
+        )
         out = self.llm(inputs_embeds=emb, attention_mask=attn, output_hidden_states=True)
         logits = out.logits[:, :-1].float()
         target = text_labels[:, 1:]
@@ -223,15 +261,51 @@ class RISModel(pl.LightningModule):
         ce_per_sample = (token_ce * valid).sum(1) / valid.sum(1).clamp_min(1.0)
         hidden = out.hidden_states[-1]
         # The hidden state that predicts [SEG] sits one position before it.
-        seg_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), seg_pos - 1]
-        masks = self.decode(self.seg_head(seg_hidden.float()), images, image_ids)
+        seg_hidden = hidden[
+            torch.arange(hidden.shape[0], device=hidden.device), seg_pos - 1
+        ].float()
+        extra = {}
+        if self.grounding is not None:
+            # the LLM's last hidden state of each visual token (padding slots read position k)
+            if self.cfg.grounding.keys == "tokens":
+                vis = proj.tokens.float()
+            else:
+                pos = image_pos[:, None] + (proj.mask.long().cumsum(1) - 1).clamp(min=0)
+                vis = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1])).float()
+            logits = self.grounding.logits(seg_hidden, vis, proj.mask)
+            extra = {"ground_logits": logits, "regions": proj.regions, "grid": feats.shape[-2:]}
+            if self.grounding.point is not None:
+                codes = self._point_codes(proj.regions.float(), feats.shape[-2:], images)
+                seg_hidden = seg_hidden + self.grounding.point_code(logits, codes)
+        masks = self.decode(self.seg_head(seg_hidden), images, image_ids)
         return {
+            **extra,
+            "seg_hidden": seg_hidden,
             "mask_logits": masks,
             "ce": ce,
             "ce_per_sample": ce_per_sample,
             "num_tokens": proj.mask.sum(1),
             "seq_len": attn.sum(1),
         }
+
+    def _point_codes(self, regions: torch.Tensor, grid, images: list) -> torch.Tensor:
+        """SAM's Fourier point code (B×N×C) at each token's footprint centroid.
+
+        The footprints live on the tower's feature grid, taken to span the image; SAM's point
+        coordinates are relative to its padded square input frame, hence the per-image scale.
+        """
+        xy = token_centroids(regions, int(grid[0]), int(grid[1]))
+        size = self.sam.image_encoder.img_size
+        scale = [self._resized_size(int(i.shape[0]), int(i.shape[1])) for i in images]
+        frame = torch.tensor([[w / size, h / size] for h, w in scale], device=xy.device)
+        return self.sam.prompt_encoder.pe_layer._pe_encoding(xy * frame[:, None, :])
+
+    def grounding_terms(self, out: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grounding loss and top-1 pointing accuracy of a forward output with a grounding head."""
+        h, w = (int(s) for s in out["grid"])
+        cells = grid_targets(batch["masks"], h, w, out["ground_logits"].device)
+        target, valid = target_distribution(out["regions"].float(), cells)
+        return grounding_loss(out["ground_logits"], target, valid)
 
     def decode(self, prompts: torch.Tensor, images: list, image_ids: torch.Tensor) -> list:
         """Mask logits at each image's own size, from one SAM prompt embedding per image."""
@@ -257,7 +331,12 @@ class RISModel(pl.LightningModule):
         w = self.cfg.loss
         bce_m, dice_m = self.mask_losses(out["mask_logits"], batch["masks"])
         total = w.ce_weight * out["ce"] + w.bce_weight * bce_m + w.dice_weight * dice_m
-        return {"loss": total, "ce": out["ce"], "bce": bce_m, "dice": dice_m}
+        terms = {"ce": out["ce"], "bce": bce_m, "dice": dice_m}
+        if "ground_logits" in out:
+            ground, acc = self.grounding_terms(out, batch)
+            total = total + self.cfg.grounding.weight * ground
+            terms.update(grounding=ground, point_acc=acc.detach())
+        return {"loss": total, **terms}
 
     # ------------------------------------------------------------------ lightning hooks
     def on_train_start(self) -> None:

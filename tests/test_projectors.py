@@ -328,3 +328,39 @@ def test_fourier_geometry_expands_the_seven_numbers_and_zeroes_padding():
         out[1, 1:, GEOMETRY_DIM + 16 :] == 0
     ).all()
     assert fourier_geometry(geometry, 0, mask) is geometry
+
+
+@pytest.mark.parametrize("name", sorted(PROJECTORS))
+@pytest.mark.parametrize("grid", [(8, 8), (7, 9)])
+def test_footprints_share_every_cell(name, grid):
+    """`regions`: B×N×(h·w); a cell's shares over the real tokens sum to 1; padding owns none."""
+    features, labels = batch(*grid)
+    proj = make(name).eval()
+    with torch.no_grad():
+        out = proj(features, labels)
+    if not type(proj).has_regions:
+        assert out.regions is None
+        return
+    b, n = out.mask.shape
+    h, w = grid
+    assert out.regions.shape == (b, n, h * w)
+    assert (out.regions >= 0).all()
+    assert (out.regions[~out.mask] == 0).all()
+    shares = out.regions.sum(1)
+    if name == "semantic":  # the padded bottom quarter of the last label map covers no token
+        valid = F.adaptive_avg_pool2d((labels >= 0).float()[:, None], grid).flatten(1)
+        torch.testing.assert_close(shares, valid)
+    else:
+        torch.testing.assert_close(shares, torch.ones_like(shares))
+
+
+def test_grid_footprints_by_hand():
+    from lightning_modules.projectors.base import grid_regions
+
+    # 3 cells pooled to 2 windows: PyTorch's windows are [0, 2) and [1, 3); cell 1 is shared
+    r = grid_regions(1, 3, 1, 2)
+    torch.testing.assert_close(r, torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.5, 1.0]]))
+    out = make("tokenpacker", s=2)(torch.randn(1, IN_DIM, 3, 3))
+    # 2×2 tokens over 3×3 cells: token 0 owns cells (0,0),(0,1),(1,0),(1,1); token 3 only (2,2)
+    assert out.regions[0, 0].view(3, 3).tolist() == [[1, 1, 0], [1, 1, 0], [0, 0, 0]]
+    assert out.regions[0, 3].view(3, 3).tolist() == [[0, 0, 0], [0, 0, 0], [0, 0, 1]]

@@ -43,9 +43,13 @@ def _items(root, k_values):
     return items
 
 
-def test_padding_invariance(synthref_root, tiny_sam_checkpoint, tmp_path):
+GROUNDING_ON = ("grounding.weight=1.0", "grounding.pointer=true")
+
+
+@pytest.mark.parametrize("extra", [(), GROUNDING_ON], ids=["lisa", "grounding"])
+def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
     torch.manual_seed(0)
-    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path)
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=extra)
     tok = tokenizer_for(cfg)
     model = RISModel(cfg, tok).eval()
     collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
@@ -61,6 +65,11 @@ def test_padding_invariance(synthref_root, tiny_sam_checkpoint, tmp_path):
     torch.testing.assert_close(
         alone["ce_per_sample"][0], batched["ce_per_sample"][0], atol=1e-5, rtol=0
     )
+    if extra:
+        torch.testing.assert_close(
+            alone["ground_logits"][0], batched["ground_logits"][0, :4], atol=1e-5, rtol=0
+        )
+        assert torch.isinf(batched["ground_logits"][0, 4:]).all()
     gt = torch.from_numpy(items[0]["mask"]).float()
     for fn in (F.binary_cross_entropy_with_logits, dice_loss):
         torch.testing.assert_close(
@@ -80,6 +89,40 @@ def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, t
     # each sample's LLM sequence = its text minus the <image> token plus its own visual tokens
     assert out["seq_len"].tolist() == (text - 1 + out["num_tokens"]).tolist()
     assert [m.shape for m in out["mask_logits"]] == [m.shape for m in batch["masks"]]
+
+
+def test_grounding_head_trains_and_points(synthref_root, tiny_sam_checkpoint, tmp_path):
+    """The grounding loss is in the total, every head parameter gets a gradient, and the pointer
+    changes the prompt: with it, the mask depends on the grounding scores."""
+    torch.manual_seed(0)
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=GROUNDING_ON)
+    tok = tokenizer_for(cfg)
+    model = RISModel(cfg, tok)
+    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
+    batch = collate(_items(synthref_root, [2, 5, 3]))
+    out = model(batch)
+    losses = model.losses(out, batch)
+    assert losses["grounding"] > 0 and 0 <= losses["point_acc"] <= 1
+    plain = losses["ce"] + 2.0 * losses["bce"] + 0.5 * losses["dice"]
+    torch.testing.assert_close(losses["loss"], plain + losses["grounding"])
+    losses["loss"].backward()
+    for name, p in model.grounding.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # the top-scored token's footprint centroid is what the pointer encodes: moving the scores
+    # moves the prompt and so the mask
+    with torch.no_grad():
+        model.grounding.query.bias.add_(torch.randn_like(model.grounding.query.bias) * 5)
+        moved = model(batch)
+    assert not torch.allclose(moved["mask_logits"][0], out["mask_logits"][0].detach())
+
+
+def test_grounding_head_is_off_for_footprintless_tokens(
+    synthref_root, tiny_sam_checkpoint, tmp_path
+):
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, "resampler", GROUNDING_ON)
+    with pytest.warns(UserWarning, match="grounding head"):
+        model = RISModel(cfg, tokenizer_for(cfg))
+    assert model.grounding is None
 
 
 @pytest.mark.parametrize("projector", sorted(PROJECTORS))

@@ -18,10 +18,17 @@ PROJECTORS: dict[str, type[Projector]] = {}
 
 
 class ProjectorOutput(NamedTuple):
-    """Visual tokens B×N×D and their mask B×N (True = real token, False = padding)."""
+    """Visual tokens B×N×D, their mask B×N (True = real token, False = padding) and footprints.
+
+    `regions` (B×N×(h·w), or None for tokens without a place in the image, e.g. learned queries):
+    the share of each feature-grid cell that each token stands for; a cell's shares sum to 1 over
+    the tokens. The grounding head (`lightning_modules/grounding.py`) uses it to find the tokens
+    that cover the target and where they are.
+    """
 
     tokens: Tensor
     mask: Tensor
+    regions: Tensor | None = None
 
 
 def register_projector(name: str) -> Callable[[type[Projector]], type[Projector]]:
@@ -93,10 +100,12 @@ class Projector(nn.Module):
     """Base class: `Cls(cfg, in_dim, out_dim)`; `forward(features, labels=None)` → ProjectorOutput.
 
     `features` are B×C×h×w (C = in_dim, one vision-tower layer); `labels` are B×H×W superpixel
-    label maps (−1 = padding), used only by projectors that need them.
+    label maps (−1 = padding), used only by projectors that need them. `has_regions`: whether
+    `forward` fills `ProjectorOutput.regions`.
     """
 
     Config: ClassVar[type]
+    has_regions: ClassVar[bool] = True
 
     def __init__(self, cfg: Any, in_dim: int, out_dim: int) -> None:
         super().__init__()
@@ -130,6 +139,35 @@ def fixed_count(features: Tensor, n: int) -> Tensor:
 def full_mask(tokens: Tensor) -> Tensor:
     """All-True mask B×N for a projector whose tokens are all real."""
     return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+
+
+def grid_regions(h: int, w: int, gh: int, gw: int, device: Any = None) -> Tensor:
+    """Footprints of a gh×gw token grid pooled from an h×w feature grid: (gh·gw)×(h·w).
+
+    A token covers the cells of its adaptive-average-pooling window (PyTorch's window rule); a
+    cell inside several windows is shared equally between them.
+    """
+    return block_regions(_windows(h, gh, device), _windows(w, gw, device))
+
+
+def block_regions(rows: Tensor, cols: Tensor) -> Tensor:
+    """Footprints from 0/1 row (gh×h) and column (gw×w) memberships, each cell's shares summing
+    to 1: (gh·gw)×(h·w)."""
+    regions = torch.kron(rows.float(), cols.float())
+    return regions / regions.sum(0, keepdim=True).clamp(min=1.0)
+
+
+def _windows(n_in: int, n_out: int, device: Any) -> Tensor:
+    i = torch.arange(n_out, device=device)
+    start = (i * n_in) // n_out
+    end = ((i + 1) * n_in + n_out - 1) // n_out
+    x = torch.arange(n_in, device=device)
+    return (x[None] >= start[:, None]) & (x[None] < end[:, None])
+
+
+def batch_regions(regions: Tensor, features: Tensor) -> Tensor:
+    """One footprint matrix N×P, viewed (not copied) for each of the B samples: B×N×P."""
+    return regions.to(features.dtype)[None].expand(features.shape[0], -1, -1)
 
 
 def two_layer_mlp(in_dim: int, hidden_dim: int, out_dim: int, act: type = nn.GELU) -> nn.Sequential:

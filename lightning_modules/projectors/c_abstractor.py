@@ -14,8 +14,10 @@ from torch import Tensor, nn
 from lightning_modules.projectors.base import (
     Projector,
     ProjectorOutput,
+    batch_regions,
     fixed_count,
     full_mask,
+    grid_regions,
     register_projector,
     require_positive,
     two_layer_mlp,
@@ -85,7 +87,9 @@ class CAbstractorProjector(Projector):
         x = self.stage1(features)
         x = self.stage2(F.adaptive_avg_pool2d(x, self.cfg.k))
         tokens = self.readout(x.flatten(2).transpose(1, 2))
-        return ProjectorOutput(tokens, full_mask(tokens))
+        k, (h, w) = self.cfg.k, features.shape[2:]
+        regions = grid_regions(h, w, k, k, features.device)
+        return ProjectorOutput(tokens, full_mask(tokens), batch_regions(regions, features))
 
     def num_tokens(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
         return fixed_count(features, self.cfg.k**2)

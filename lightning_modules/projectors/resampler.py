@@ -41,6 +41,8 @@ class ResamplerProjector(Projector):
     The attention width is `out_dim`; the patches are first projected to it.
     """
 
+    has_regions = False  # its tokens are learned queries, with no place in the image
+
     @dataclass
     class Config:
         name: str = "resampler"
@@ -70,7 +72,7 @@ class ResamplerProjector(Projector):
         for layer in self.layers:
             queries = layer(queries, kv, key_pos)
         tokens = self.out_proj(self.norm_out(queries))
-        return ProjectorOutput(tokens, full_mask(tokens))
+        return ProjectorOutput(tokens, full_mask(tokens))  # learned queries: no footprint
 
     def num_tokens(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
         return fixed_count(features, self.cfg.num_queries)

@@ -296,7 +296,8 @@ class SemanticProjector(Projector):
         k = int(counts.max()) if counts.numel() else 0
         mask = torch.arange(k, device=features.device) < counts[:, None]
         if k == 0:
-            return ProjectorOutput(features.new_zeros(*mask.shape, self.out_dim), mask)
+            empty = features.new_zeros(*mask.shape, h * w)
+            return ProjectorOutput(features.new_zeros(*mask.shape, self.out_dim), mask, empty)
         cov = superpixel_coverage(labels, k, h, w).to(features.dtype)
         patches = features.flatten(2).transpose(1, 2)
         tokens = self.proj(self.pool(patches, cov))
@@ -312,7 +313,7 @@ class SemanticProjector(Projector):
             if self.ssa_outside is not None:
                 tokens = tokens + self.ssa_outside(query, kv, key_pos)
             tokens = tokens + self.ffn(self.norm_ffn(tokens))
-        return ProjectorOutput(tokens.masked_fill(~mask[..., None], 0.0), mask)
+        return ProjectorOutput(tokens.masked_fill(~mask[..., None], 0.0), mask, cov)
 
     def num_tokens(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
         labels = self.check_labels(features, labels)

@@ -9,6 +9,7 @@ both the query (a masked mean) and the attention.
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -16,6 +17,8 @@ from lightning_modules.projectors.base import (
     CrossAttention,
     Projector,
     ProjectorOutput,
+    batch_regions,
+    block_regions,
     fixed_count,
     full_mask,
     register_projector,
@@ -71,7 +74,11 @@ class TokenPackerProjector(Projector):
         mask = valid.squeeze(-1).bool().unsqueeze(1) if any(pad) else None
         x = query + self.attn(self.norm_q(query), self.norm_kv(regions), mask=mask)
         tokens = self.mlp(x.view(b, nh * nw, self.out_dim))
-        return ProjectorOutput(tokens, full_mask(tokens))
+        dev = features.device
+        rows = torch.arange(h, device=dev)[None] // s == torch.arange(nh, device=dev)[:, None]
+        cols = torch.arange(w, device=dev)[None] // s == torch.arange(nw, device=dev)[:, None]
+        regions = batch_regions(block_regions(rows, cols), features)
+        return ProjectorOutput(tokens, full_mask(tokens), regions)
 
     def num_tokens(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
         nh, nw = self.grid(features)

@@ -1,0 +1,112 @@
+"""Grounding head: the [SEG] state points at the visual tokens that cover the target.
+
+LISA's prompt path ([SEG] hidden → MLP → SAM prompt) relies on an LLM that already links words to
+image regions (LLaVA's pre-training). A small LLM trained from scratch on a few thousand sentences
+does not learn that link from the mask loss alone: its [SEG] state collapses to one constant
+"typical object" prompt (docs/BENCHMARKS.md, `svp diagnose grounding`). This head gives the link a
+direct training signal and, optionally, a direct path to the mask decoder:
+
+* **loss** (`grounding.weight`): scores s_i = ⟨q([SEG]), k(v_i)⟩/√d between the [SEG] state and the
+  LLM's last hidden state of every visual token; a soft cross-entropy pulls softmax(s) towards
+  the tokens whose footprint (`ProjectorOutput.regions`) covers the target mask, each weighted by
+  coverage × purity (overlap² / footprint area), so a large background token that grazes the
+  target gets little weight.
+* **pointer** (`grounding.pointer`): the softmax(s)-weighted mean of SAM's Fourier point code at
+  each token's footprint centroid, mapped by a linear layer and added to the [SEG] state before
+  the prompt MLP: the prompt then carries *where* the pointed-at tokens are, which SAM's decoder
+  was trained to read.
+
+Both are off by default (pure LISA, as DESIGN §1); the tiny preset turns them on. Projectors whose
+tokens have no footprint (`resampler`) get neither, with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GROUNDING_KEYS = ("llm", "tokens")
+
+
+@dataclass
+class GroundingConfig:
+    weight: float = 0.0  # weight of the grounding loss in the total loss (0 = no loss)
+    pointer: bool = False  # add the pointed-at tokens' location to the [SEG] state
+    dim: int = 64  # width of the query/key projections
+    # what the keys are made from: `llm` = the LLM's last hidden state of each visual token,
+    # `tokens` = the projector's visual tokens themselves (before the LLM)
+    keys: str = "llm"
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0 or self.pointer
+
+
+class GroundingHead(nn.Module):
+    """Scores visual tokens against the [SEG] state; optionally turns scores into a point code."""
+
+    def __init__(self, hidden: int, dim: int, pe_dim: int, pointer: bool) -> None:
+        super().__init__()
+        self.dim = dim
+        self.query = nn.Linear(hidden, dim)
+        self.key = nn.Linear(hidden, dim, bias=False)  # a key bias would cancel in the softmax
+        self.point = nn.Linear(pe_dim, hidden) if pointer else None
+
+    def logits(self, seg_hidden: Tensor, vis_hidden: Tensor, mask: Tensor) -> Tensor:
+        """B×N scores of the B×N×D visual states against the B×D [SEG] states; −inf on padding."""
+        q = self.query(seg_hidden)
+        scores = (self.key(vis_hidden) @ q[..., None]).squeeze(-1) / math.sqrt(self.dim)
+        return scores.masked_fill(~mask, -math.inf)
+
+    def point_code(self, logits: Tensor, codes: Tensor) -> Tensor:
+        """B×D: the softmax(logits)-weighted mean of the tokens' B×N×C point codes, mapped to D."""
+        probs = logits.softmax(-1)
+        return self.point((probs[..., None] * codes).sum(1))
+
+
+def token_centroids(regions: Tensor, h: int, w: int) -> Tensor:
+    """Footprint centroids B×N×2, (x, y) in [0, 1] of the feature grid; 0.5 where empty."""
+    ys = (torch.arange(h, device=regions.device, dtype=regions.dtype) + 0.5) / h
+    xs = (torch.arange(w, device=regions.device, dtype=regions.dtype) + 0.5) / w
+    cells = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(h * w, 2)
+    area = regions.sum(-1, keepdim=True)
+    centre = (regions @ cells) / area.clamp(min=1e-12)
+    return torch.where(area > 0, centre, torch.full_like(centre, 0.5))
+
+
+def grid_targets(masks: list[Tensor], h: int, w: int, device) -> Tensor:
+    """Fraction of each h×w feature-grid cell inside each target mask: B×(h·w)."""
+    cells = [
+        F.adaptive_avg_pool2d(m.to(device=device, dtype=torch.float32)[None, None], (h, w))
+        for m in masks
+    ]
+    return torch.cat(cells).flatten(1)
+
+
+def target_distribution(regions: Tensor, cells: Tensor) -> tuple[Tensor, Tensor]:
+    """Target weights B×N over the tokens and a B bool (the target overlaps some token).
+
+    A token's weight is overlap²/area (overlap = Σ_cells share × target fraction): its coverage of
+    the target times its purity, normalised over the tokens.
+    """
+    overlap = (regions @ cells[..., None]).squeeze(-1)
+    area = regions.sum(-1)
+    score = overlap.square() / area.clamp(min=1e-12)
+    total = score.sum(-1, keepdim=True)
+    return score / total.clamp(min=1e-12), total[:, 0] > 0
+
+
+def grounding_loss(logits: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Soft cross-entropy over the samples with a target, and top-1 accuracy (the highest-scored
+    token is a highest-weighted target token)."""
+    logp = logits.float().log_softmax(-1).masked_fill(torch.isinf(logits), 0.0)
+    per_sample = -(target * logp).sum(-1)
+    n = valid.sum().clamp(min=1)
+    loss = (per_sample * valid).sum() / n
+    best = target.gather(1, logits.argmax(-1, keepdim=True))[:, 0]
+    hit = (best >= target.amax(-1) - 1e-6) & valid
+    return loss, hit.sum() / n

@@ -1,0 +1,65 @@
+"""Grounding head: targets, loss, accuracy and centroids against hand-computed cases."""
+
+import math
+
+import torch
+
+from lightning_modules.grounding import (
+    GroundingHead,
+    grid_targets,
+    grounding_loss,
+    target_distribution,
+    token_centroids,
+)
+
+
+def test_target_weights_are_coverage_times_purity():
+    # 4 cells; token 0 = cells {0, 1}, token 1 = cell 2, token 2 = cell 3; target fills cells 1, 2
+    regions = torch.tensor([[[1.0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]])
+    cells = torch.tensor([[0.0, 1, 1, 0]])
+    target, valid = target_distribution(regions, cells)
+    # overlap²/area: token 0 → 1/2, token 1 → 1, token 2 → 0; normalised
+    torch.testing.assert_close(target, torch.tensor([[1 / 3, 2 / 3, 0.0]]))
+    assert valid.tolist() == [True]
+    target, valid = target_distribution(regions, torch.zeros(1, 4))
+    assert valid.tolist() == [False] and (target == 0).all()
+
+
+def test_grounding_loss_and_accuracy_by_hand():
+    logits = torch.tensor([[0.0, math.log(3.0), -math.inf], [5.0, 0.0, 0.0]])
+    target = torch.tensor([[0.25, 0.75, 0.0], [0.0, 1.0, 0.0]])
+    valid = torch.tensor([True, False])  # the second sample has no target: ignored
+    loss, acc = grounding_loss(logits, target, valid)
+    # softmax of the first row: 1/4, 3/4, 0
+    expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert abs(float(loss) - expected) < 1e-6
+    assert float(acc) == 1.0
+
+
+def test_token_centroids():
+    regions = torch.zeros(1, 3, 4)  # a 2×2 grid, cells in raster order
+    regions[0, 0, 0] = 1.0  # top-left cell
+    regions[0, 1, [1, 3]] = 1.0  # right column
+    centres = token_centroids(regions, 2, 2)
+    torch.testing.assert_close(centres[0, 0], torch.tensor([0.25, 0.25]))
+    torch.testing.assert_close(centres[0, 1], torch.tensor([0.75, 0.5]))
+    torch.testing.assert_close(centres[0, 2], torch.tensor([0.5, 0.5]))  # empty footprint
+
+
+def test_grid_targets_pool_each_mask():
+    mask = torch.zeros(4, 4, dtype=torch.uint8)
+    mask[:2, :2] = 1
+    mask[2, 2] = 1
+    cells = grid_targets([mask], 2, 2, "cpu")
+    torch.testing.assert_close(cells, torch.tensor([[1.0, 0.0, 0.0, 0.25]]))
+
+
+def test_head_scores_mask_padding_and_point_code_follows_the_scores():
+    torch.manual_seed(0)
+    head = GroundingHead(hidden=8, dim=4, pe_dim=6, pointer=True)
+    mask = torch.tensor([[True, True, False]])
+    logits = head.logits(torch.randn(1, 8), torch.randn(1, 3, 8), mask)
+    assert torch.isinf(logits[0, 2]) and torch.isfinite(logits[0, :2]).all()
+    codes = torch.randn(1, 3, 6)
+    sharp = torch.tensor([[50.0, 0.0, -math.inf]])
+    torch.testing.assert_close(head.point_code(sharp, codes), head.point(codes[:, 0]))
