@@ -136,7 +136,7 @@ class GroundingProbe(nn.Module):
         total = w.bce_weight * bce_m + w.dice_weight * dice_m
         self.point_acc = float("nan")
         if "ground_logits" in out:
-            ground, acc = self.model.grounding_terms(out, batch)
+            ground, acc = self.model.grounding_terms(out)
             total = total + self.model.cfg.grounding.weight * ground
             self.point_acc = float(acc)
         return total, float(bce_m.detach()), float(dice_m.detach())

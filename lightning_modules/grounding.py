@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 GROUNDING_KEYS = ("llm", "tokens")
+POINTER_EVAL = ("soft", "argmax")
 
 
 @dataclass
@@ -39,7 +40,12 @@ class GroundingConfig:
     dim: int = 64  # width of the query/key projections
     # what the keys are made from: `llm` = the LLM's last hidden state of each visual token,
     # `tokens` = the projector's visual tokens themselves (before the LLM)
-    keys: str = "llm"
+    keys_from: str = "llm"
+    # training: the pointer points at the target's tokens (its target weights) instead of the
+    # predicted ones, so the mask decoder learns to read a location while the scores still learn
+    teacher_forcing: bool = False
+    # evaluation: point with the softmax weights (`soft`) or at the top-scored token (`argmax`)
+    pointer_eval: str = "soft"
 
     @property
     def enabled(self) -> bool:
@@ -62,10 +68,10 @@ class GroundingHead(nn.Module):
         scores = (self.key(vis_hidden) @ q[..., None]).squeeze(-1) / math.sqrt(self.dim)
         return scores.masked_fill(~mask, -math.inf)
 
-    def point_code(self, logits: Tensor, codes: Tensor) -> Tensor:
-        """B×D: the softmax(logits)-weighted mean of the tokens' B×N×C point codes, mapped to D."""
-        probs = logits.softmax(-1)
-        return self.point((probs[..., None] * codes).sum(1))
+    def point_code(self, weights: Tensor, codes: Tensor) -> Tensor:
+        """B×D: the `weights`-weighted (B×N, rows sum to 1) mean of the tokens' B×N×C point codes,
+        mapped to D."""
+        return self.point((weights[..., None] * codes).sum(1))
 
 
 def token_centroids(regions: Tensor, h: int, w: int) -> Tensor:

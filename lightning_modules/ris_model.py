@@ -19,6 +19,7 @@ from torch import nn
 from datamodules.errors import ConfigError
 from lightning_modules.grounding import (
     GROUNDING_KEYS,
+    POINTER_EVAL,
     GroundingHead,
     grid_targets,
     grounding_loss,
@@ -134,9 +135,15 @@ class RISModel(pl.LightningModule):
         self.seg_head = SegPromptHead(hidden, cfg.mask_decoder.seg_mlp_hidden, prompt_dim)
         self.grounding = None
         g = cfg.grounding
-        if g.keys not in GROUNDING_KEYS:
+        if g.keys_from not in GROUNDING_KEYS:
             raise ConfigError(
-                f"grounding.keys must be one of {', '.join(GROUNDING_KEYS)}, got {g.keys!r}."
+                f"grounding.keys_from must be one of {', '.join(GROUNDING_KEYS)}, "
+                f"got {g.keys_from!r}."
+            )
+        if g.pointer_eval not in POINTER_EVAL:
+            raise ConfigError(
+                f"grounding.pointer_eval must be one of {', '.join(POINTER_EVAL)}, "
+                f"got {g.pointer_eval!r}."
             )
         if g.weight > 0 or g.pointer:
             if self.projector.has_regions:
@@ -266,17 +273,7 @@ class RISModel(pl.LightningModule):
         ].float()
         extra = {}
         if self.grounding is not None:
-            # the LLM's last hidden state of each visual token (padding slots read position k)
-            if self.cfg.grounding.keys == "tokens":
-                vis = proj.tokens.float()
-            else:
-                pos = image_pos[:, None] + (proj.mask.long().cumsum(1) - 1).clamp(min=0)
-                vis = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1])).float()
-            logits = self.grounding.logits(seg_hidden, vis, proj.mask)
-            extra = {"ground_logits": logits, "regions": proj.regions, "grid": feats.shape[-2:]}
-            if self.grounding.point is not None:
-                codes = self._point_codes(proj.regions.float(), feats.shape[-2:], images)
-                seg_hidden = seg_hidden + self.grounding.point_code(logits, codes)
+            seg_hidden, extra = self._ground(seg_hidden, hidden, image_pos, proj, feats, batch)
         masks = self.decode(self.seg_head(seg_hidden), images, image_ids)
         return {
             **extra,
@@ -287,6 +284,32 @@ class RISModel(pl.LightningModule):
             "num_tokens": proj.mask.sum(1),
             "seq_len": attn.sum(1),
         }
+
+    def _ground(self, seg_hidden, hidden, image_pos, proj, feats, batch) -> tuple:
+        """Grounding scores of the visual tokens and, with the pointer on, the [SEG] state plus
+        the pointed-at location's code. Returns (seg_hidden, outputs for the loss)."""
+        g = self.cfg.grounding
+        if g.keys_from == "tokens":
+            vis = proj.tokens.float()
+        else:  # the LLM's last hidden state of each visual token (padding slots read position k)
+            pos = image_pos[:, None] + (proj.mask.long().cumsum(1) - 1).clamp(min=0)
+            vis = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1])).float()
+        logits = self.grounding.logits(seg_hidden, vis, proj.mask)
+        regions, (h, w) = proj.regions.float(), (int(s) for s in feats.shape[-2:])
+        extra = {"ground_logits": logits}
+        if "masks" in batch:
+            cells = grid_targets(batch["masks"], h, w, logits.device)
+            extra["ground_target"], extra["ground_valid"] = target_distribution(regions, cells)
+        if self.grounding.point is None:
+            return seg_hidden, extra
+        weights = logits.softmax(-1)
+        if self.training and g.teacher_forcing and "ground_target" in extra:
+            valid = extra["ground_valid"][:, None]
+            weights = torch.where(valid, extra["ground_target"], weights)
+        elif not self.training and g.pointer_eval == "argmax":
+            weights = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(weights.dtype)
+        codes = self._point_codes(regions, (h, w), batch["images"])
+        return seg_hidden + self.grounding.point_code(weights, codes), extra
 
     def _point_codes(self, regions: torch.Tensor, grid, images: list) -> torch.Tensor:
         """SAM's Fourier point code (B×N×C) at each token's footprint centroid.
@@ -300,12 +323,10 @@ class RISModel(pl.LightningModule):
         frame = torch.tensor([[w / size, h / size] for h, w in scale], device=xy.device)
         return self.sam.prompt_encoder.pe_layer._pe_encoding(xy * frame[:, None, :])
 
-    def grounding_terms(self, out: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def grounding_terms(out: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Grounding loss and top-1 pointing accuracy of a forward output with a grounding head."""
-        h, w = (int(s) for s in out["grid"])
-        cells = grid_targets(batch["masks"], h, w, out["ground_logits"].device)
-        target, valid = target_distribution(out["regions"].float(), cells)
-        return grounding_loss(out["ground_logits"], target, valid)
+        return grounding_loss(out["ground_logits"], out["ground_target"], out["ground_valid"])
 
     def decode(self, prompts: torch.Tensor, images: list, image_ids: torch.Tensor) -> list:
         """Mask logits at each image's own size, from one SAM prompt embedding per image."""
@@ -333,7 +354,7 @@ class RISModel(pl.LightningModule):
         total = w.ce_weight * out["ce"] + w.bce_weight * bce_m + w.dice_weight * dice_m
         terms = {"ce": out["ce"], "bce": bce_m, "dice": dice_m}
         if "ground_logits" in out:
-            ground, acc = self.grounding_terms(out, batch)
+            ground, acc = self.grounding_terms(out)
             total = total + self.cfg.grounding.weight * ground
             terms.update(grounding=ground, point_acc=acc.detach())
         return {"loss": total, **terms}

@@ -116,6 +116,31 @@ def test_grounding_head_trains_and_points(synthref_root, tiny_sam_checkpoint, tm
     assert not torch.allclose(moved["mask_logits"][0], out["mask_logits"][0].detach())
 
 
+def test_teacher_forcing_points_at_the_target(synthref_root, tiny_sam_checkpoint, tmp_path):
+    """In training with teacher forcing the prompt uses the target's tokens, not the scores."""
+    extra = (*GROUNDING_ON, "grounding.teacher_forcing=true", "grounding.pointer_eval=argmax")
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=extra)
+    tok = tokenizer_for(cfg)
+    torch.manual_seed(0)
+    model = RISModel(cfg, tok).train()
+    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
+    batch = collate(_items(synthref_root, [2, 5, 3]))
+    with torch.no_grad():
+        before = model(batch)
+        model.grounding.query.bias.add_(torch.randn_like(model.grounding.query.bias) * 5)
+        after = model(batch)
+        assert not torch.allclose(before["ground_logits"], after["ground_logits"])
+        for a, b in zip(before["mask_logits"], after["mask_logits"]):
+            torch.testing.assert_close(a, b)
+        model.eval()  # evaluation points at the top-scored token: a sharper score changes nothing
+        sharp = model(batch)
+        model.grounding.query.weight.mul_(3.0)
+        model.grounding.query.bias.mul_(3.0)
+        sharper = model(batch)
+    for a, b in zip(sharp["mask_logits"], sharper["mask_logits"]):
+        torch.testing.assert_close(a, b)
+
+
 def test_grounding_head_is_off_for_footprintless_tokens(
     synthref_root, tiny_sam_checkpoint, tmp_path
 ):
