@@ -143,18 +143,25 @@ class GroundingProbe(nn.Module):
 
 
 @torch.no_grad()
-def _evaluate(probe: GroundingProbe, loader) -> tuple[float, float]:
-    """Val cIoU and gIoU with the metrics `svp train` logs."""
+def _evaluate(probe: GroundingProbe, loader) -> tuple[float, float, float]:
+    """Val cIoU and gIoU with the metrics `svp train` logs, and the grounding head's pointing
+    accuracy (NaN without one)."""
     from lightning_modules.metrics import CIoU, GIoU
 
     probe.eval()
     ciou, giou = CIoU(), GIoU()
+    hits, count = 0.0, 0
     for batch in loader:
-        preds = [(logit > 0).to(torch.uint8) for logit in probe(batch)["mask_logits"]]
+        out = probe(batch)
+        preds = [(logit > 0).to(torch.uint8) for logit in out["mask_logits"]]
         ciou.update(preds, batch["masks"])
         giou.update(preds, batch["masks"])
+        if "ground_logits" in out:
+            _, acc = probe.model.grounding_terms(out)
+            n = int(out["ground_valid"].sum())
+            hits, count = hits + float(acc) * n, count + n
     probe.train()
-    return float(ciou.compute()), float(giou.compute())
+    return float(ciou.compute()), float(giou.compute()), hits / count if count else math.nan
 
 
 def diagnose_grounding(
@@ -223,7 +230,7 @@ def diagnose_grounding(
             bar.update()
             if step % eval_every == 0 or step == steps:
                 probe.mode = mode
-                ciou, giou = _evaluate(probe, val)
+                ciou, giou, val_acc = _evaluate(probe, val)
                 bce_m, dice_m, std_m, acc_m = np.mean(recent, axis=0).tolist()
                 recent = []
                 point = {
@@ -234,12 +241,14 @@ def diagnose_grounding(
                     "train_dice": dice_m,
                     "seg_std": std_m,
                     "train_point_acc": acc_m,
+                    "val_point_acc": val_acc,
                     "minutes": (time.time() - start) / 60,
                 }
                 curve.append(point)
                 bar.write(
                     f"step {step}: val cIoU {ciou:.4f} gIoU {giou:.4f} | train dice {dice_m:.3f} "
-                    f"| [SEG] hidden spread {std_m:.4f} | train point acc {acc_m:.3f}"
+                    f"| [SEG] hidden spread {std_m:.4f} | point acc train {acc_m:.3f} "
+                    f"val {val_acc:.3f}"
                 )
             if step >= steps:
                 break

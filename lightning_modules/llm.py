@@ -56,6 +56,9 @@ class LLMConfig:
     num_key_value_heads: int = 4
     intermediate_size: int = 256
     max_position_embeddings: int = 512
+    # tiny LLM only: std of the random word embeddings (None = HF's initializer_range, 0.02); a
+    # larger value keeps the words audible beside visual tokens of a much larger norm
+    embed_init_std: float | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     full_finetune: bool = True
     dtype: str = "float32"
@@ -148,6 +151,8 @@ def _tiny_llama(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTraine
         eos_token_id=tokenizer.eos_token_id,
     )
     model = AutoModelForCausalLM.from_config(config)
+    if cfg.embed_init_std is not None:
+        torch.nn.init.normal_(model.get_input_embeddings().weight, std=cfg.embed_init_std)
     dtype = _dtype(cfg)
     return model if dtype == "auto" else model.to(dtype)
 

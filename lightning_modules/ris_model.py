@@ -396,6 +396,14 @@ class RISModel(pl.LightningModule):
             add_dataloader_idx=False,
             sync_dist=True,
         )
+        if "point_acc" in losses:
+            self.log(
+                f"{stage}/{split}/point_acc",
+                losses["point_acc"],
+                batch_size=len(preds),
+                add_dataloader_idx=False,
+                sync_dist=True,
+            )
         if batch_idx == 0 and idx == 0:
             self.image_samples = _image_samples(batch, preds, self.cfg.trainer.num_image_samples)
 
