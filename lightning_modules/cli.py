@@ -181,6 +181,13 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pointing(args: argparse.Namespace) -> int:
+    from lightning_modules.pointing_probe import pointing_probe
+
+    pointing_probe(_load(args), steps=args.steps, batch_size=args.batch_size, out=args.out)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lightning_modules.pipeline import DEMO_OVERRIDES, run_demo
 
@@ -328,6 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="first N steps as oracle_select (curriculum; semantic only; default: 0)",
     )
+    p = dg_sub.add_parser(
+        "pointing",
+        help="How well a bag-of-words pointer finds the target superpixel from the tower features.",
+        description="Train a bag-of-words pointer (no LLM) to pick the target's superpixel from "
+        "its mask-pooled vision-tower features, without and with its geometry, and print the val "
+        "top-1 accuracy of each; writes <runs_root>/diagnose/pointing/pointing.json. A quick "
+        "yardstick for a tower layer or a superpixel source.",
+        epilog=OVERRIDES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=cmd_pointing)
+    _config_command(p)
+    p.add_argument("--steps", type=int, default=1500, help="training steps (default: 1500)")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per step (default: 64)")
+    p.add_argument("--out", default=None, help="output folder")
     return parser
 
 

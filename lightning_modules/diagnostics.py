@@ -240,8 +240,8 @@ def diagnose_grounding(
                     "train_bce": bce_m,
                     "train_dice": dice_m,
                     "seg_std": std_m,
-                    "train_point_acc": acc_m,
-                    "val_point_acc": val_acc,
+                    "train_point_acc": acc_m if math.isfinite(acc_m) else None,
+                    "val_point_acc": val_acc if math.isfinite(val_acc) else None,
                     "minutes": (time.time() - start) / 60,
                 }
                 curve.append(point)

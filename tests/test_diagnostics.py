@@ -33,6 +33,9 @@ def test_every_mode_trains_and_writes_a_curve(mode, synthref_root, tiny_sam_chec
     for point in result["curve"]:
         assert 0.0 <= point["val_ciou"] <= 1.0 and 0.0 <= point["val_giou"] <= 1.0
         assert math.isfinite(point["train_dice"]) and point["seg_std"] >= 0.0
+        if mode == "llm":  # the tiny preset's grounding head is on: its pointing is measured
+            assert 0.0 <= point["val_point_acc"] <= 1.0
+            assert 0.0 <= point["train_point_acc"] <= 1.0
     written = tmp_path / "runs" / "diagnose" / f"semantic-{mode}" / "diagnose.json"
     assert json.loads(written.read_text()) == result
 
@@ -62,3 +65,19 @@ def test_cli_rejects_bad_steps_and_modes(synthref_root, tiny_sam_checkpoint, tmp
     assert "unknown" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="needs projector=semantic"):
         check_mode("oracle_select", "mlp")
+
+
+def test_pointing_probe_trains_and_writes(synthref_root, tiny_sam_checkpoint, tmp_path):
+    from lightning_modules.pointing_probe import pointing_probe
+
+    args = [
+        *tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path / "runs", "semantic"),
+        "data.limit_train_sentences=24",
+        "data.limit_val_sentences=8",
+    ]
+    assert main(["diagnose", "pointing", "--steps", "0", *args]) == 2
+    result = pointing_probe(load_config(args), steps=5, batch_size=4, progress=False)
+    for key in ("val_top1_features_only", "val_top1_with_geometry"):
+        assert 0.0 <= result[key] <= 1.0
+    written = tmp_path / "runs" / "diagnose" / "pointing" / "pointing.json"
+    assert json.loads(written.read_text()) == result
