@@ -7,6 +7,7 @@ import dataclasses
 import sys
 import textwrap
 from collections.abc import Callable
+from typing import Any
 
 from datamodules.errors import SVPError
 
@@ -211,11 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
 
-    def add(name: str, help_: str, func: Callable, config: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(
+    def add(
+        name: str,
+        help_: str,
+        func: Callable,
+        config: bool = True,
+        under: Any = None,
+        description: str | None = None,
+    ) -> argparse.ArgumentParser:
+        """A (sub)command `name` of `under` (default: `svp` itself); `description` defaults to
+        `help_`."""
+        p = (under or sub).add_parser(
             name,
             help=help_,
-            description=help_,
+            description=description or help_,
             epilog=OVERRIDES_HELP if config else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -273,15 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("quality", "Mean K, ASA and boundary recall per source.", cmd_superpixels_quality),
         ("show", "Write PNG overlays of superpixels for a few images.", cmd_superpixels_show),
     ):
-        p = sp_sub.add_parser(
-            name,
-            help=help_,
-            description=help_,
-            epilog=OVERRIDES_HELP,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        p.set_defaults(func=func)
-        _config_command(p)
+        p = add(name, help_, func, under=sp_sub)
         p.add_argument("--split", default="val", help="split to use (default: val)")
         if name == "quality":
             p.add_argument(
@@ -312,18 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Learning diagnostics for a RIS config.",
     )
     dg_sub = dg.add_subparsers(dest="diagnose_command", metavar="<diagnose command>", required=True)
-    p = dg_sub.add_parser(
+    p = add(
         "grounding",
-        help="Train the mask path with the [SEG] prompt from the LLM or from an oracle.",
+        "Train the mask path with the [SEG] prompt from the LLM or from an oracle.",
+        cmd_diagnose,
+        under=dg_sub,
         description="Train the mask path for --steps with the [SEG] prompt from the LLM (llm) or "
         "an oracle (oracle_point, oracle_token, text_only, oracle_select) and print val cIoU and "
         "the spread of the [SEG] hidden state; writes "
         "<runs_root>/diagnose/<projector>-<mode>/diagnose.json.",
-        epilog=OVERRIDES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.set_defaults(func=cmd_diagnose)
-    _config_command(p)
     # checked by diagnose_grounding: importing its MODES here would load torch for every command
     p.add_argument("--mode", default="llm", help="prompt source, one of the above (default: llm)")
     p.add_argument("--steps", type=int, default=600, help="training steps (default: 600)")
@@ -335,18 +335,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="first N steps as oracle_select (curriculum; semantic only; default: 0)",
     )
-    p = dg_sub.add_parser(
+    p = add(
         "pointing",
-        help="How well a bag-of-words pointer finds the target superpixel from the tower features.",
+        "How well a bag-of-words pointer finds the target superpixel from the tower features.",
+        cmd_pointing,
+        under=dg_sub,
         description="Train a bag-of-words pointer (no LLM) to pick the target's superpixel from "
         "its mask-pooled vision-tower features, without and with its geometry, and print the val "
         "top-1 accuracy of each; writes <runs_root>/diagnose/pointing/pointing.json. A quick "
         "yardstick for a tower layer or a superpixel source.",
-        epilog=OVERRIDES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.set_defaults(func=cmd_pointing)
-    _config_command(p)
     p.add_argument("--steps", type=int, default=1500, help="training steps (default: 1500)")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per step (default: 64)")
     p.add_argument("--out", default=None, help="output folder")

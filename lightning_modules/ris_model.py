@@ -389,21 +389,11 @@ class RISModel(pl.LightningModule):
         self.giou[idx].update(preds, targets)
         self._tokens[idx].extend(out["num_tokens"].tolist())
         self._seq_len[idx].extend(out["seq_len"].tolist())
-        self.log(
-            f"{stage}_loss/{split}",
-            losses["loss"],
-            batch_size=len(preds),
-            add_dataloader_idx=False,
-            sync_dist=True,
-        )
+        logged = {f"{stage}_loss/{split}": losses["loss"]}
         if "point_acc" in losses:
-            self.log(
-                f"{stage}/{split}/point_acc",
-                losses["point_acc"],
-                batch_size=len(preds),
-                add_dataloader_idx=False,
-                sync_dist=True,
-            )
+            logged[f"{stage}/{split}/point_acc"] = losses["point_acc"]
+        for name, value in logged.items():
+            self.log(name, value, batch_size=len(preds), add_dataloader_idx=False, sync_dist=True)
         if batch_idx == 0 and idx == 0:
             self.image_samples = _image_samples(batch, preds, self.cfg.trainer.num_image_samples)
 

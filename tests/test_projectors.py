@@ -355,10 +355,10 @@ def test_footprints_share_every_cell(name, grid):
 
 
 def test_grid_footprints_by_hand():
-    from lightning_modules.projectors.base import grid_regions
+    from lightning_modules.projectors.base import grid_output
 
     # 3 cells pooled to 2 windows: PyTorch's windows are [0, 2) and [1, 3); cell 1 is shared
-    r = grid_regions(1, 3, 1, 2)
+    r = grid_output(torch.zeros(1, 2, 4), torch.zeros(1, 1, 1, 3), 1, 2).regions[0]
     torch.testing.assert_close(r, torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.5, 1.0]]))
     out = make("tokenpacker", s=2)(torch.randn(1, IN_DIM, 3, 3))
     # 2×2 tokens over 3×3 cells: token 0 owns cells (0,0),(0,1),(1,0),(1,1); token 3 only (2,2)

@@ -141,13 +141,14 @@ def full_mask(tokens: Tensor) -> Tensor:
     return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
 
 
-def grid_regions(h: int, w: int, gh: int, gw: int, device: Any = None) -> Tensor:
-    """Footprints of a gh×gw token grid pooled from an h×w feature grid: (gh·gw)×(h·w).
-
-    A token covers the cells of its adaptive-average-pooling window (PyTorch's window rule); a
-    cell inside several windows is shared equally between them.
-    """
-    return block_regions(_windows(h, gh, device), _windows(w, gw, device))
+def adaptive_pool_matrix(n_in: int, n_out: int, device: Any) -> Tensor:
+    """n_out×n_in weights of 1-D adaptive average pooling (PyTorch's window rule)."""
+    i = torch.arange(n_out, device=device)
+    start = (i * n_in) // n_out
+    end = ((i + 1) * n_in + n_out - 1) // n_out
+    x = torch.arange(n_in, device=device)
+    inside = (x[None] >= start[:, None]) & (x[None] < end[:, None])
+    return inside / (end - start)[:, None]
 
 
 def block_regions(rows: Tensor, cols: Tensor) -> Tensor:
@@ -157,17 +158,22 @@ def block_regions(rows: Tensor, cols: Tensor) -> Tensor:
     return regions / regions.sum(0, keepdim=True).clamp(min=1.0)
 
 
-def _windows(n_in: int, n_out: int, device: Any) -> Tensor:
-    i = torch.arange(n_out, device=device)
-    start = (i * n_in) // n_out
-    end = ((i + 1) * n_in + n_out - 1) // n_out
-    x = torch.arange(n_in, device=device)
-    return (x[None] >= start[:, None]) & (x[None] < end[:, None])
-
-
 def batch_regions(regions: Tensor, features: Tensor) -> Tensor:
     """One footprint matrix N×P, viewed (not copied) for each of the B samples: B×N×P."""
     return regions.to(features.dtype)[None].expand(features.shape[0], -1, -1)
+
+
+def grid_output(tokens: Tensor, features: Tensor, gh: int, gw: int) -> ProjectorOutput:
+    """Output of a projector whose tokens are a gh×gw grid adaptively pooled from the h×w
+    features (gh = h, gw = w: one token per patch).
+
+    A token covers the cells of its adaptive-average-pooling window; a cell inside several
+    windows is shared equally between them.
+    """
+    (h, w), dev = features.shape[2:], features.device
+    rows, cols = adaptive_pool_matrix(h, gh, dev) > 0, adaptive_pool_matrix(w, gw, dev) > 0
+    regions = batch_regions(block_regions(rows, cols), features)
+    return ProjectorOutput(tokens, full_mask(tokens), regions)
 
 
 def two_layer_mlp(in_dim: int, hidden_dim: int, out_dim: int, act: type = nn.GELU) -> nn.Sequential:

@@ -9,10 +9,8 @@ from torch import Tensor, nn
 from lightning_modules.projectors.base import (
     Projector,
     ProjectorOutput,
-    batch_regions,
     fixed_count,
-    full_mask,
-    grid_regions,
+    grid_output,
     register_projector,
     require_positive,
     two_layer_mlp,
@@ -40,9 +38,7 @@ class LDPv2Projector(Projector):
         x = F.adaptive_avg_pool2d(x, self.cfg.k)
         x = x + self.peg(x)
         tokens = x.flatten(2).transpose(1, 2)
-        k, (h, w) = self.cfg.k, features.shape[2:]
-        regions = grid_regions(h, w, k, k, features.device)
-        return ProjectorOutput(tokens, full_mask(tokens), batch_regions(regions, features))
+        return grid_output(tokens, features, self.cfg.k, self.cfg.k)
 
     def num_tokens(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
         return fixed_count(features, self.cfg.k**2)

@@ -3,15 +3,13 @@
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from lightning_modules.projectors.base import (
     Projector,
     ProjectorOutput,
-    batch_regions,
     fixed_count,
-    full_mask,
+    grid_output,
     register_projector,
     two_layer_mlp,
 )
@@ -32,9 +30,7 @@ class MLPProjector(Projector):
     def forward(self, features: Tensor, labels: Tensor | None = None) -> ProjectorOutput:
         self.check_features(features)
         tokens = self.mlp(features.flatten(2).transpose(1, 2))
-        h, w = features.shape[2:]
-        regions = torch.eye(h * w, device=features.device)
-        return ProjectorOutput(tokens, full_mask(tokens), batch_regions(regions, features))
+        return grid_output(tokens, features, *features.shape[2:])
 
     def num_tokens(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
         return fixed_count(features, features.shape[2] * features.shape[3])

@@ -30,6 +30,7 @@ from lightning_modules.projectors.base import (
     CrossAttention,
     Projector,
     ProjectorOutput,
+    adaptive_pool_matrix,
     register_projector,
     require_heads,
     require_positive,
@@ -109,16 +110,6 @@ def order_superpixels(
         key = torch.floor(cy * grid_h / h) * (w + 1) + cx
         key = key.masked_fill(area == 0, math.inf)
     return relabel(flat, ranks(key)).view(b, h, w), (area > 0).sum(1)
-
-
-def adaptive_pool_matrix(n_in: int, n_out: int, device: Any) -> Tensor:
-    """n_out×n_in weights of 1-D adaptive average pooling (PyTorch's window rule)."""
-    i = torch.arange(n_out, device=device)
-    start = (i * n_in) // n_out
-    end = ((i + 1) * n_in + n_out - 1) // n_out
-    x = torch.arange(n_in, device=device)
-    inside = (x[None] >= start[:, None]) & (x[None] < end[:, None])
-    return inside / (end - start)[:, None]
 
 
 def superpixel_coverage(labels: Tensor, k: int, h: int, w: int) -> Tensor:
