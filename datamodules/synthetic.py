@@ -7,11 +7,13 @@ The package `datamodules.synthref` holds the parts; this module is the public en
 
 from datamodules.synthref.drawing import COLORS, SHAPES, SIZES, TEXTURES
 from datamodules.synthref.grammar import (
+    EXPRESSION_KINDS,
     Description,
     Expression,
     Ordinal,
     Position,
     Relation,
+    expression_kind,
     expression_text,
     parse_expression,
     synthref_vocabulary,
@@ -41,6 +43,7 @@ from datamodules.synthref.writer import (
 
 __all__ = [
     "COLORS",
+    "EXPRESSION_KINDS",
     "SHAPES",
     "SIZES",
     "SYNTHREF_SPLITS",
@@ -57,6 +60,7 @@ __all__ = [
     "compose_scene",
     "decode_segmentation",
     "describes_uniquely",
+    "expression_kind",
     "expression_text",
     "expression_truths",
     "generate_synthref",

@@ -185,7 +185,14 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 def cmd_pointing(args: argparse.Namespace) -> int:
     from lightning_modules.pointing_probe import pointing_probe
 
-    pointing_probe(_load(args), steps=args.steps, batch_size=args.batch_size, out=args.out)
+    pointing_probe(
+        _load(args),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        out=args.out,
+        pointer=args.pointer,
+        train_fraction=args.train_fraction,
+    )
     return 0
 
 
@@ -337,13 +344,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add(
         "pointing",
-        "How well a bag-of-words pointer finds the target superpixel from the tower features.",
+        "How well a pointer without the LLM finds the target superpixel from the tower features.",
         cmd_pointing,
         under=dg_sub,
-        description="Train a bag-of-words pointer (no LLM) to pick the target's superpixel from "
-        "its mask-pooled vision-tower features, without and with its geometry, and print the val "
-        "top-1 accuracy of each; writes <runs_root>/diagnose/pointing/pointing.json. A quick "
-        "yardstick for a tower layer or a superpixel source.",
+        description="Train a pointer without the LLM (a bag of words, or a small bidirectional "
+        "transformer over words and superpixels) to pick the target's superpixel from its "
+        "mask-pooled vision-tower features, without and with its geometry, and print the val "
+        "top-1 accuracy of each, overall and per SynthRef expression kind; writes "
+        "<runs_root>/diagnose/pointing/pointing.json. A quick yardstick for a tower layer, a "
+        "superpixel source or the amount of training data.",
+    )
+    p.add_argument(
+        "--pointer",
+        default="bow",
+        help="bow (mean word embedding · superpixel MLP) or transformer (default: bow)",
+    )
+    p.add_argument(
+        "--train-fraction",
+        type=float,
+        default=1.0,
+        help="train on the first fraction of the training images only (default: 1.0)",
     )
     p.add_argument("--steps", type=int, default=1500, help="training steps (default: 1500)")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per step (default: 64)")

@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_run_overrides
 
 from datamodules.errors import ConfigError
+from datamodules.synthetic import EXPRESSION_KINDS
 from lightning_modules.cli import main
 from lightning_modules.config import load_config
 from lightning_modules.diagnostics import (
@@ -76,8 +77,36 @@ def test_pointing_probe_trains_and_writes(synthref_root, tiny_sam_checkpoint, tm
         "data.limit_val_sentences=8",
     ]
     assert main(["diagnose", "pointing", "--steps", "0", *args]) == 2
+    assert main(["diagnose", "pointing", "--pointer", "lstm", *args]) == 2
+    assert main(["diagnose", "pointing", "--train-fraction", "0", *args]) == 2
     result = pointing_probe(load_config(args), steps=5, batch_size=4, progress=False)
     for key in ("val_top1_features_only", "val_top1_with_geometry"):
         assert 0.0 <= result[key] <= 1.0
+        by_kind = result[f"{key}_by_kind"]
+        assert set(by_kind) <= {*EXPRESSION_KINDS, "other"} and by_kind
+        assert all(0.0 <= v <= 1.0 for v in by_kind.values())
     written = tmp_path / "runs" / "diagnose" / "pointing" / "pointing.json"
     assert json.loads(written.read_text()) == result
+    assert result["train_sentences"] == 24
+
+
+def test_transformer_pointer_on_part_of_the_images(synthref_root, tiny_sam_checkpoint, tmp_path):
+    from lightning_modules.pointing_probe import TransformerPointer, pointing_probe
+
+    args = [
+        *tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path / "runs", "semantic"),
+        "data.limit_train_sentences=24",
+        "data.limit_val_sentences=8",
+    ]
+    cfg = load_config(args)
+    half = pointing_probe(cfg, 3, 4, progress=False, pointer="transformer", train_fraction=0.5)
+    assert half["pointer"] == "transformer" and 0 < half["train_sentences"] < 24
+    assert 0.0 <= half["val_top1_with_geometry"] <= 1.0
+    # the transformer reads the words: the same superpixels score differently for other sentences
+    torch.manual_seed(0)
+    net = TransformerPointer(vocab=20, feat_dim=5, geo_dim=0, layers=1).eval()
+    keys, mask = torch.randn(2, 3, 5), torch.tensor([[True, True, True], [True, True, False]])
+    a = net([torch.tensor([1, 2, 3]), torch.tensor([4, 5])], keys, mask)
+    b = net([torch.tensor([6, 7, 8]), torch.tensor([4, 5])], keys, mask)
+    assert torch.isinf(a[1, 2]) and not torch.allclose(a[0], b[0])
+    assert torch.allclose(a[1], b[1], atol=1e-6)  # the other sample is unaffected

@@ -25,6 +25,7 @@ from datamodules.synthetic import (
     compose_scene,
     decode_segmentation,
     describes_uniquely,
+    expression_kind,
     expression_text,
     generate_synthref,
     parse_expression,
@@ -250,6 +251,18 @@ def test_grammar_round_trip_and_vocabulary():
     for bad in ("", "a red star", "the red", "the star from the left", "the star near the circle"):
         with pytest.raises(ValueError):
             parse_expression(bad)
+
+
+def test_expression_kinds():
+    kinds = {
+        "the small striped red star": "attribute",
+        "the pink shape at the top": "position",
+        "the leftmost square": "superlative",
+        "the third shape from the bottom": "ordinal",
+        "the triangle under the blue circle": "relation",
+        "the dog on the sofa": "other",
+    }
+    assert {text: expression_kind(text) for text in kinds} == kinds
 
 
 def test_exists_overwrite_and_errors(tmp_path):

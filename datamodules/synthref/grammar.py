@@ -157,6 +157,22 @@ def parse_expression(text: str) -> Expression:
     raise ValueError(f"not a SynthRef expression: {text!r}")
 
 
+EXPRESSION_KINDS = ("attribute", "position", "superlative", "ordinal", "relation")
+
+
+def expression_kind(text: str) -> str:
+    """Which of `EXPRESSION_KINDS` a SynthRef sentence is; "other" outside the grammar."""
+    try:
+        loc = parse_expression(text).locator
+    except ValueError:
+        return "other"
+    if loc is None:
+        return "attribute"
+    if isinstance(loc, Position):
+        return "superlative" if loc.form == 1 else "position"
+    return "ordinal" if isinstance(loc, Ordinal) else "relation"
+
+
 def synthref_vocabulary() -> list[str]:
     """Every word the grammar can emit, sorted."""
     phrases = [
