@@ -68,14 +68,19 @@ def test_cli_rejects_bad_steps_and_modes(synthref_root, tiny_sam_checkpoint, tmp
         check_mode("oracle_select", "mlp")
 
 
-def test_pointing_probe_trains_and_writes(synthref_root, tiny_sam_checkpoint, tmp_path):
-    from lightning_modules.pointing_probe import pointing_probe
-
-    args = [
+def _probe_overrides(synthref_root, tiny_sam_checkpoint, tmp_path) -> list[str]:
+    """The tiny semantic preset on 24 train and 8 val sentences."""
+    return [
         *tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path / "runs", "semantic"),
         "data.limit_train_sentences=24",
         "data.limit_val_sentences=8",
     ]
+
+
+def test_pointing_probe_trains_and_writes(synthref_root, tiny_sam_checkpoint, tmp_path):
+    from lightning_modules.pointing_probe import pointing_probe
+
+    args = _probe_overrides(synthref_root, tiny_sam_checkpoint, tmp_path)
     assert main(["diagnose", "pointing", "--steps", "0", *args]) == 2
     assert main(["diagnose", "pointing", "--pointer", "lstm", *args]) == 2
     assert main(["diagnose", "pointing", "--train-fraction", "0", *args]) == 2
@@ -93,11 +98,7 @@ def test_pointing_probe_trains_and_writes(synthref_root, tiny_sam_checkpoint, tm
 def test_transformer_pointer_on_part_of_the_images(synthref_root, tiny_sam_checkpoint, tmp_path):
     from lightning_modules.pointing_probe import TransformerPointer, pointing_probe
 
-    args = [
-        *tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path / "runs", "semantic"),
-        "data.limit_train_sentences=24",
-        "data.limit_val_sentences=8",
-    ]
+    args = _probe_overrides(synthref_root, tiny_sam_checkpoint, tmp_path)
     cfg = load_config(args)
     half = pointing_probe(cfg, 3, 4, progress=False, pointer="transformer", train_fraction=0.5)
     assert half["pointer"] == "transformer" and 0 < half["train_sentences"] < 24
