@@ -147,7 +147,14 @@ class RISModel(pl.LightningModule):
             )
         if g.weight > 0 or g.pointer:
             if self.projector.has_regions:
-                self.grounding = GroundingHead(hidden, g.dim, prompt_dim, bool(g.pointer))
+                self.grounding = GroundingHead(
+                    hidden,
+                    g.dim,
+                    prompt_dim,
+                    bool(g.pointer),
+                    fusion_layers=int(g.fusion_layers),
+                    fusion_heads=int(g.fusion_heads),
+                )
             else:
                 rank_zero_warn(
                     f"projector {cfg.projector.name!r} has tokens without an image footprint; "
@@ -273,7 +280,9 @@ class RISModel(pl.LightningModule):
         ].float()
         extra = {}
         if self.grounding is not None:
-            seg_hidden, extra = self._ground(seg_hidden, hidden, image_pos, proj, feats, batch)
+            seg_hidden, extra = self._ground(
+                seg_hidden, hidden, image_pos, seg_pos, proj, feats, batch
+            )
         masks = self.decode(self.seg_head(seg_hidden), images, image_ids)
         return {
             **extra,
@@ -285,7 +294,7 @@ class RISModel(pl.LightningModule):
             "seq_len": attn.sum(1),
         }
 
-    def _ground(self, seg_hidden, hidden, image_pos, proj, feats, batch) -> tuple:
+    def _ground(self, seg_hidden, hidden, image_pos, seg_pos, proj, feats, batch) -> tuple:
         """Grounding scores of the visual tokens and, with the pointer on, the [SEG] state plus
         the pointed-at location's code. Returns (seg_hidden, outputs for the loss)."""
         g = self.cfg.grounding
@@ -294,7 +303,11 @@ class RISModel(pl.LightningModule):
         else:  # the LLM's last hidden state of each visual token (padding slots read position k)
             pos = image_pos[:, None] + (proj.mask.long().cumsum(1) - 1).clamp(min=0)
             vis = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1])).float()
-        logits = self.grounding.logits(seg_hidden, vis, proj.mask)
+        query = seg_hidden
+        if len(self.grounding.fusion):
+            text, text_mask = self._text_states(hidden, image_pos, seg_pos, proj.mask.sum(1))
+            query, vis = self.grounding.fuse(seg_hidden, vis, proj.mask, text, text_mask)
+        logits = self.grounding.logits(query, vis, proj.mask)
         regions, (h, w) = proj.regions.float(), (int(s) for s in feats.shape[-2:])
         extra = {"ground_logits": logits}
         if "masks" in batch:
@@ -310,6 +323,16 @@ class RISModel(pl.LightningModule):
             weights = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(weights.dtype)
         codes = self._point_codes(regions, (h, w), batch["images"])
         return seg_hidden + self.grounding.point_code(weights, codes), extra
+
+    @staticmethod
+    def _text_states(hidden, image_pos, seg_pos, num_vis) -> tuple:
+        """The LLM's last hidden states of the text before [SEG] (visual tokens left out): B×T×D
+        and a B×T mask. Position p of sample b is text iff p < seg_pos and p is not one of its
+        visual tokens [image_pos, image_pos + num_vis)."""
+        length = int(seg_pos.max())
+        p = torch.arange(length, device=hidden.device)[None]
+        is_vis = (p >= image_pos[:, None]) & (p < (image_pos + num_vis)[:, None])
+        return hidden[:, :length].float(), (p < seg_pos[:, None]) & ~is_vis
 
     def _point_codes(self, regions: torch.Tensor, grid, images: list) -> torch.Tensor:
         """SAM's Fourier point code (B×N×C) at each token's footprint centroid.

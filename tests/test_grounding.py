@@ -65,3 +65,41 @@ def test_head_scores_mask_padding_and_point_code_follows_the_scores():
     torch.testing.assert_close(head.point_code(one_hot, codes), head.point(codes[:, 0]))
     half = torch.tensor([[0.5, 0.5, 0.0]])
     torch.testing.assert_close(head.point_code(half, codes), head.point(codes[:, :2].mean(1)))
+
+
+def test_fusion_reads_the_sentence_and_ignores_padding():
+    """With fusion layers the visual states see the sentence states: changing a valid sentence
+    state moves the visual outputs, changing a masked (padding) one moves nothing."""
+    torch.manual_seed(0)
+    head = GroundingHead(16, 8, 6, pointer=False, fusion_layers=2, fusion_heads=4).eval()
+    seg, vis, text = torch.randn(1, 16), torch.randn(1, 3, 16), torch.randn(1, 5, 16)
+    mask = torch.tensor([[True, True, False]])
+    text_mask = torch.tensor([[True, True, True, False, False]])
+    # a fresh fusion layer is the identity (zero-initialised residual branches) ...
+    q, v = head.fuse(seg, vis, mask, text, text_mask)
+    torch.testing.assert_close(v, vis + head.role[1])
+    # ... a trained one is not: give every fusion weight a value
+    with torch.no_grad():
+        for p in head.fusion.parameters():
+            p.normal_(0, 0.3)
+    q, v = head.fuse(seg, vis, mask, text, text_mask)
+    assert q.shape == (1, 16) and v.shape == (1, 3, 16)
+
+    padded = text.clone()
+    padded[:, 3:] += 10.0 * torch.randn(1, 2, 16)
+    vis_pad = vis.clone()
+    vis_pad[:, 2] += 10.0 * torch.randn(16)  # a padding visual slot
+    q2, v2 = head.fuse(seg, vis_pad, mask, padded, text_mask)
+    torch.testing.assert_close(q2, q)
+    torch.testing.assert_close(v2[:, :2], v[:, :2])
+
+    moved = text.clone()
+    moved[:, 1] += torch.randn(16)  # a word of the sentence (LayerNorm drops a constant shift)
+    q3, v3 = head.fuse(seg, vis, mask, moved, text_mask)
+    assert not torch.allclose(v3[:, :2], v[:, :2], atol=1e-4)
+    assert not torch.allclose(q3, q, atol=1e-4)
+
+
+def test_no_fusion_layers_by_default():
+    head = GroundingHead(16, 8, 6, pointer=True)
+    assert len(head.fusion) == 0 and not hasattr(head, "role")

@@ -51,14 +51,27 @@ GROUNDING_ON = (
     "grounding.teacher_forcing=false",
     "grounding.pointer_eval=soft",
 )
+FUSION_ON = (*GROUNDING_ON, "grounding.fusion_layers=2")
 
 
-@pytest.mark.parametrize("extra", [LISA_ONLY, GROUNDING_ON], ids=["lisa", "grounding"])
+def _wake_fusion(model) -> None:
+    """Fresh fusion layers are the identity (zero-initialised residual branches); give them
+    trained-looking weights so the tests exercise the attention over the sentence."""
+    if model.grounding is not None:
+        with torch.no_grad():
+            for p in model.grounding.fusion.parameters():
+                p.normal_(0, 0.1)
+
+
+@pytest.mark.parametrize(
+    "extra", [LISA_ONLY, GROUNDING_ON, FUSION_ON], ids=["lisa", "grounding", "fusion"]
+)
 def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
     torch.manual_seed(0)
     cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=extra)
     tok = tokenizer_for(cfg)
     model = RISModel(cfg, tok).eval()
+    _wake_fusion(model)
     collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
     items = _items(synthref_root, [2, 5, 3])
     with torch.no_grad():
@@ -100,13 +113,15 @@ def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, t
     assert [m.shape for m in out["mask_logits"]] == [m.shape for m in batch["masks"]]
 
 
-def test_grounding_head_trains_and_points(synthref_root, tiny_sam_checkpoint, tmp_path):
+@pytest.mark.parametrize("extra", [GROUNDING_ON, FUSION_ON], ids=["grounding", "fusion"])
+def test_grounding_head_trains_and_points(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
     """The grounding loss is in the total, every head parameter gets a gradient, and the pointer
     changes the prompt: with it, the mask depends on the grounding scores."""
     torch.manual_seed(0)
-    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=GROUNDING_ON)
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=extra)
     tok = tokenizer_for(cfg)
     model = RISModel(cfg, tok)
+    _wake_fusion(model)
     collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
     batch = collate(_items(synthref_root, [2, 5, 3]))
     out = model(batch)
