@@ -188,6 +188,11 @@ def grounding_loss(logits: Tensor, target: Tensor, valid: Tensor) -> tuple[Tenso
     per_sample = -(target * logp).sum(-1)
     n = valid.sum().clamp(min=1)
     loss = (per_sample * valid).sum() / n
+    return loss, pointing_hits(logits, target, valid).sum() / n
+
+
+def pointing_hits(logits: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """B bool: the highest-scored token is a highest-weighted target token (False without a
+    target)."""
     best = target.gather(1, logits.argmax(-1, keepdim=True))[:, 0]
-    hit = (best >= target.amax(-1) - 1e-6) & valid
-    return loss, hit.sum() / n
+    return (best >= target.amax(-1) - 1e-6) & valid

@@ -23,6 +23,7 @@ from lightning_modules.grounding import (
     GroundingHead,
     grid_targets,
     grounding_loss,
+    pointing_hits,
     target_distribution,
     token_centroids,
 )
@@ -179,6 +180,10 @@ class RISModel(pl.LightningModule):
         self.eval_splits = eval_splits
         self.ciou = nn.ModuleList([CIoU() for _ in eval_splits])
         self.giou = nn.ModuleList([GIoU() for _ in eval_splits])
+        # with a grounding head: cIoU of the sentences it points right at (hit) and wrong (miss)
+        self.ciou_hit = nn.ModuleList([CIoU() for _ in eval_splits])
+        self.ciou_miss = nn.ModuleList([CIoU() for _ in eval_splits])
+        self._hits: dict[int, list[int]] = {i: [] for i in range(len(eval_splits))}
         self._tokens: dict[int, list[int]] = {i: [] for i in range(len(eval_splits))}
         self._seq_len: dict[int, list[int]] = {i: [] for i in range(len(eval_splits))}
         self._fit_start = 0.0
@@ -412,9 +417,13 @@ class RISModel(pl.LightningModule):
         self.giou[idx].update(preds, targets)
         self._tokens[idx].extend(out["num_tokens"].tolist())
         self._seq_len[idx].extend(out["seq_len"].tolist())
+        if "ground_target" in out:
+            hits = pointing_hits(out["ground_logits"], out["ground_target"], out["ground_valid"])
+            self._hits[idx].extend(hits.long().tolist())
+            for metric, keep in ((self.ciou_hit[idx], hits), (self.ciou_miss[idx], ~hits)):
+                pick = keep.nonzero()[:, 0].tolist()
+                metric.update([preds[i] for i in pick], [targets[i] for i in pick])
         logged = {f"{stage}_loss/{split}": losses["loss"]}
-        if "point_acc" in losses:
-            logged[f"{stage}/{split}/point_acc"] = losses["point_acc"]
         for name, value in logged.items():
             self.log(name, value, batch_size=len(preds), add_dataloader_idx=False, sync_dist=True)
         if batch_idx == 0 and idx == 0:
@@ -433,7 +442,20 @@ class RISModel(pl.LightningModule):
                 for k, v in stats.items():
                     self.log(f"{stage}/{split}/tokens_{k}", float(v), sync_dist=False)
                 self.log(f"{stage}/{split}/seq_len_mean", float(np.mean(lens)), sync_dist=False)
-            self._tokens[idx], self._seq_len[idx] = [], []
+            hits = self._gather(self._hits[idx])
+            if hits:  # pointing accuracy over the whole split (a sentence without a target
+                # counts as a miss); cIoU of the hits and of the misses
+                self.log(f"{stage}/{split}/point_acc", float(np.mean(hits)), sync_dist=False)
+                for name, metric, n in (
+                    ("ciou_hit", self.ciou_hit[idx], sum(hits)),
+                    ("ciou_miss", self.ciou_miss[idx], len(hits) - sum(hits)),
+                ):
+                    value = metric.compute()
+                    if n:
+                        self.log(f"{stage}/{split}/{name}", value, sync_dist=False)
+            self.ciou_hit[idx].reset()
+            self.ciou_miss[idx].reset()
+            self._tokens[idx], self._seq_len[idx], self._hits[idx] = [], [], []
         if stage == "val" and self.eval_splits:
             first = self.eval_splits[0]
             self.log("val/ciou", self.trainer.callback_metrics[f"val/{first}/ciou"])

@@ -114,7 +114,17 @@ def _metrics_from(results: list[dict], splits: list[str], prefix: str) -> dict[s
         merged.update({k: float(v) for k, v in r.items()})
     out: dict[str, float] = {}
     for split in splits:
-        for m in ("ciou", "giou", "tokens_mean", "tokens_p50", "tokens_p95", "seq_len_mean"):
+        for m in (
+            "ciou",
+            "giou",
+            "tokens_mean",
+            "tokens_p50",
+            "tokens_p95",
+            "seq_len_mean",
+            "point_acc",
+            "ciou_hit",
+            "ciou_miss",
+        ):
             key = f"{prefix}/{split}/{m}"
             if key in merged:
                 out[f"{split}_{m}"] = merged[key]

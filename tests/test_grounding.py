@@ -8,6 +8,7 @@ from lightning_modules.grounding import (
     GroundingHead,
     grid_targets,
     grounding_loss,
+    pointing_hits,
     target_distribution,
     token_centroids,
 )
@@ -103,3 +104,12 @@ def test_fusion_reads_the_sentence_and_ignores_padding():
 def test_no_fusion_layers_by_default():
     head = GroundingHead(16, 8, 6, pointer=True)
     assert len(head.fusion) == 0 and not hasattr(head, "role")
+
+
+def test_pointing_hits_by_hand():
+    logits = torch.tensor([[2.0, 1.0, -math.inf], [0.0, 3.0, 1.0], [1.0, 0.0, 0.0]])
+    target = torch.tensor([[0.5, 0.5, 0.0], [0.7, 0.3, 0.0], [0.0, 0.0, 0.0]])
+    valid = torch.tensor([True, True, False])
+    # tie for the top weight counts; the second sample points at a lesser target token; the third
+    # has no target
+    assert pointing_hits(logits, target, valid).tolist() == [True, False, False]

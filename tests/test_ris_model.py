@@ -225,6 +225,7 @@ def test_train_resume_eval_and_tensorboard(synthref_root, tiny_sam_checkpoint, t
         "val/val/ciou",
         "val/testB/giou",
         "val/val/tokens_mean",
+        "val/val/point_acc",
         "val/predictions",
     ):
         assert tag in tags, (tag, sorted(tags))
@@ -280,6 +281,16 @@ def test_train_resume_eval_and_tensorboard(synthref_root, tiny_sam_checkpoint, t
             results["ddp_cpu"][f"{split}_giou"], abs=1e-6
         )
         assert np.isfinite(results["cpu"][f"{split}_tokens_mean"])
+        # the grounding head's exact pointing accuracy and the hit / miss cIoU split, also
+        # reduced across processes (16 sentences: a hit or a miss set may be empty, then absent)
+        acc = results["cpu"][f"{split}_point_acc"]
+        assert 0.0 <= acc <= 1.0
+        assert acc == pytest.approx(results["ddp_cpu"][f"{split}_point_acc"], abs=1e-6)
+        for part, present in (("ciou_hit", acc > 0), ("ciou_miss", acc < 1)):
+            key = f"{split}_{part}"
+            assert (key in results["cpu"]) == present, (key, results["cpu"])
+            if present:
+                assert results["cpu"][key] == pytest.approx(results["ddp_cpu"][key], abs=1e-6)
 
 
 def test_frozen_features_cached_on_disk(synthref_root, tiny_sam_checkpoint, tmp_path):
