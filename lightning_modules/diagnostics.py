@@ -12,7 +12,10 @@ from a different source, so each link is tested on its own:
 * ``text_only``: a bag of the sentence's word embeddings → the [SEG] MLP; how far the mask decoder
   gets by matching text to SAM's image embedding without any grounding in the LLM;
 * ``oracle_select`` (``semantic`` only): the projector's real tokens, but the LLM sees only the
-  token of the superpixel that overlaps the target most; the selection is done for the LLM.
+  token of the superpixel that overlaps the target most; the selection is done for the LLM;
+* ``pointing``: the model as configured, trained on the grounding loss alone, with no mask
+  decoder (needs the grounding head): how far pointing — the link that limits the tiny preset —
+  goes with more steps or a larger batch, at about half the cost per sentence. No cIoU.
 
 ``--select-steps N`` runs the first N steps as ``oracle_select`` and the rest as ``mode``: a
 curriculum that trains the token → [SEG] → prompt path before the LLM must learn to select.
@@ -37,7 +40,7 @@ from tqdm.auto import tqdm
 
 from datamodules.errors import ConfigError
 
-MODES = ("llm", "oracle_point", "oracle_token", "text_only", "oracle_select")
+MODES = ("llm", "oracle_point", "oracle_token", "text_only", "oracle_select", "pointing")
 
 
 def check_mode(mode: str, projector: str) -> None:
@@ -54,6 +57,12 @@ class GroundingProbe(nn.Module):
     def __init__(self, model, mode: str):
         super().__init__()
         check_mode(mode, model.cfg.projector.name)
+        if mode == "pointing" and model.grounding is None:
+            raise ConfigError(
+                "diagnose mode pointing trains the grounding head, which is off: set "
+                "grounding.weight > 0 (the tiny preset has it on) and use a projector whose "
+                "tokens have footprints (not resampler)"
+            )
         self.model, self.mode = model, mode
         hidden = model.llm.get_input_embeddings().embedding_dim
         pe_dim = model.sam.prompt_encoder.embed_dim
@@ -120,8 +129,8 @@ class GroundingProbe(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         m = self.model
-        if self.mode == "llm":  # the whole model, grounding head included
-            out = m(batch)
+        if self.mode in ("llm", "pointing"):  # the whole model, grounding head included
+            out = m(batch, decode=self.mode == "llm")
             if out["seg_hidden"].shape[0] > 1:
                 self.seg_std = float(out["seg_hidden"].detach().std(0).mean())
             return out
@@ -132,14 +141,22 @@ class GroundingProbe(nn.Module):
 
     def loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, float, float]:
         w = self.model.cfg.loss
-        bce_m, dice_m = self.model.mask_losses(out["mask_logits"], batch["masks"])
-        total = w.bce_weight * bce_m + w.dice_weight * dice_m
+        total, bce, dice = torch.zeros((), device=self.model.device), math.nan, math.nan
+        if "mask_logits" in out:
+            bce_m, dice_m = self.model.mask_losses(out["mask_logits"], batch["masks"])
+            total = w.bce_weight * bce_m + w.dice_weight * dice_m
+            bce, dice = float(bce_m.detach()), float(dice_m.detach())
         self.point_acc = float("nan")
         if "ground_logits" in out:
             ground, acc = self.model.grounding_terms(out)
             total = total + self.model.cfg.grounding.weight * ground
             self.point_acc = float(acc)
-        return total, float(bce_m.detach()), float(dice_m.detach())
+        return total, bce, dice
+
+
+def _finite(x: float) -> float | None:
+    """`x`, or None (JSON null) where it is NaN: a quantity the mode does not measure."""
+    return x if math.isfinite(x) else None
 
 
 @torch.no_grad()
@@ -153,15 +170,20 @@ def _evaluate(probe: GroundingProbe, loader) -> tuple[float, float, float]:
     hits, count = 0.0, 0
     for batch in loader:
         out = probe(batch)
-        preds = [(logit > 0).to(torch.uint8) for logit in out["mask_logits"]]
-        ciou.update(preds, batch["masks"])
-        giou.update(preds, batch["masks"])
+        if "mask_logits" in out:
+            preds = [(logit > 0).to(torch.uint8) for logit in out["mask_logits"]]
+            ciou.update(preds, batch["masks"])
+            giou.update(preds, batch["masks"])
         if "ground_logits" in out:
             _, acc = probe.model.grounding_terms(out)
             n = int(out["ground_valid"].sum())
             hits, count = hits + float(acc) * n, count + n
     probe.train()
-    return float(ciou.compute()), float(giou.compute()), hits / count if count else math.nan
+    if probe.mode == "pointing":
+        c = g = math.nan
+    else:
+        c, g = float(ciou.compute()), float(giou.compute())
+    return c, g, hits / count if count else math.nan
 
 
 def diagnose_grounding(
@@ -235,13 +257,13 @@ def diagnose_grounding(
                 recent = []
                 point = {
                     "step": step,
-                    "val_ciou": ciou,
-                    "val_giou": giou,
-                    "train_bce": bce_m,
-                    "train_dice": dice_m,
-                    "seg_std": std_m,
-                    "train_point_acc": acc_m if math.isfinite(acc_m) else None,
-                    "val_point_acc": val_acc if math.isfinite(val_acc) else None,
+                    "val_ciou": _finite(ciou),
+                    "val_giou": _finite(giou),
+                    "train_bce": _finite(bce_m),
+                    "train_dice": _finite(dice_m),
+                    "seg_std": _finite(std_m),
+                    "train_point_acc": _finite(acc_m),
+                    "val_point_acc": _finite(val_acc),
                     "minutes": (time.time() - start) / 60,
                 }
                 curve.append(point)

@@ -260,7 +260,9 @@ class RISModel(pl.LightningModule):
         )
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: dict) -> dict[str, Any]:
+    def forward(self, batch: dict, decode: bool = True) -> dict[str, Any]:
+        """The model's outputs; `decode=False` stops before the mask decoder (no `mask_logits`),
+        for training or measuring the pointing alone."""
         images, image_ids = batch["images"], batch["image_ids"]
         feats = self.tower_features(images, image_ids)
         if self.tower.training and not self.cfg.vision.frozen:
@@ -288,11 +290,11 @@ class RISModel(pl.LightningModule):
             seg_hidden, extra = self._ground(
                 seg_hidden, hidden, image_pos, seg_pos, proj, feats, batch
             )
-        masks = self.decode(self.seg_head(seg_hidden), images, image_ids)
+        if decode:
+            extra["mask_logits"] = self.decode(self.seg_head(seg_hidden), images, image_ids)
         return {
             **extra,
             "seg_hidden": seg_hidden,
-            "mask_logits": masks,
             "ce": ce,
             "ce_per_sample": ce_per_sample,
             "num_tokens": proj.mask.sum(1),

@@ -32,13 +32,24 @@ def test_every_mode_trains_and_writes_a_curve(mode, synthref_root, tiny_sam_chec
     result = diagnose_grounding(cfg, mode=mode, steps=3, eval_every=2, progress=False)
     assert [p["step"] for p in result["curve"]] == [2, 3]
     for point in result["curve"]:
-        assert 0.0 <= point["val_ciou"] <= 1.0 and 0.0 <= point["val_giou"] <= 1.0
-        assert math.isfinite(point["train_dice"]) and point["seg_std"] >= 0.0
-        if mode == "llm":  # the tiny preset's grounding head is on: its pointing is measured
+        if mode == "pointing":  # no mask decoder: no cIoU, no mask losses
+            assert point["val_ciou"] is None and point["train_dice"] is None
+        else:
+            assert 0.0 <= point["val_ciou"] <= 1.0 and 0.0 <= point["val_giou"] <= 1.0
+            assert math.isfinite(point["train_dice"])
+        assert point["seg_std"] >= 0.0
+        if mode in ("llm", "pointing"):  # the tiny preset's grounding head is on
             assert 0.0 <= point["val_point_acc"] <= 1.0
             assert 0.0 <= point["train_point_acc"] <= 1.0
     written = tmp_path / "runs" / "diagnose" / f"semantic-{mode}" / "diagnose.json"
     assert json.loads(written.read_text()) == result
+
+
+def test_pointing_mode_needs_the_grounding_head(synthref_root, tiny_sam_checkpoint, tmp_path):
+    overrides = tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path / "runs")
+    cfg = load_config([*overrides, "grounding.weight=0", "grounding.pointer=false"])
+    with pytest.raises(ConfigError, match="grounding head"):
+        diagnose_grounding(cfg, mode="pointing", steps=1, progress=False)
 
 
 def test_oracle_token_reaches_the_seg_hidden_state(synthref_root, tiny_sam_checkpoint, tmp_path):
