@@ -230,12 +230,26 @@ def evaluate(cfg: DictConfig, ckpt: str | None = None) -> dict[str, Any]:
 
 
 def format_metrics(metrics: dict, splits: list[str]) -> str:
-    lines = ["| split | cIoU | gIoU | tokens mean | tokens p95 |", "|---|---|---|---|---|"]
+    """Markdown table of the eval metrics; pointing columns when the grounding head is on."""
+    pointing = any(f"{s}_point_acc" in metrics for s in splits)
+    head = "| split | cIoU | gIoU | tokens mean | tokens p95 |"
+    rule = "|---|---|---|---|---|"
+    if pointing:
+        head += " point acc | cIoU hit | cIoU miss |"
+        rule += "---|---|---|"
+    lines = [head, rule]
+    nan = float("nan")
     for s in splits:
         if f"{s}_ciou" in metrics:
-            lines.append(
+            line = (
                 f"| {s} | {metrics[f'{s}_ciou']:.4f} | {metrics[f'{s}_giou']:.4f} | "
-                f"{metrics.get(f'{s}_tokens_mean', float('nan')):.1f} | "
-                f"{metrics.get(f'{s}_tokens_p95', float('nan')):.1f} |"
+                f"{metrics.get(f'{s}_tokens_mean', nan):.1f} | "
+                f"{metrics.get(f'{s}_tokens_p95', nan):.1f} |"
             )
+            if pointing:
+                line += "".join(
+                    f" {metrics.get(f'{s}_{k}', nan):.4f} |"
+                    for k in ("point_acc", "ciou_hit", "ciou_miss")
+                )
+            lines.append(line)
     return "\n".join(lines)

@@ -84,3 +84,14 @@ def test_token_stats():
     assert token_stats([64, 64]) == {"mean": 64.0, "p50": 64.0, "p95": 64.0}
     with pytest.raises(ValueError):
         token_stats([])
+
+
+def test_format_metrics_adds_pointing_columns_only_with_a_grounding_head():
+    from lightning_modules.train import format_metrics
+
+    plain = format_metrics({"val_ciou": 0.25, "val_giou": 0.3, "val_tokens_mean": 14.0}, ["val"])
+    assert "point acc" not in plain and "| val | 0.2500 | 0.3000 | 14.0 | nan |" in plain
+    metrics = {"val_ciou": 0.25, "val_giou": 0.3, "val_point_acc": 0.4, "val_ciou_hit": 0.7}
+    table = format_metrics(metrics, ["val"]).splitlines()
+    assert table[0].endswith("| point acc | cIoU hit | cIoU miss |")
+    assert table[2].endswith("| 0.4000 | 0.7000 | nan |")  # no misses: absent, shown as nan
