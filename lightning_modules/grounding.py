@@ -76,7 +76,7 @@ class FusionLayer(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"grounding.fusion_heads={heads} must divide the LLM width {dim}")
+            raise ValueError(f"{heads} heads do not divide the width {dim}")
         self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)

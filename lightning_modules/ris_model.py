@@ -146,6 +146,12 @@ class RISModel(pl.LightningModule):
                 f"grounding.pointer_eval must be one of {', '.join(POINTER_EVAL)}, "
                 f"got {g.pointer_eval!r}."
             )
+        if g.fusion_layers < 0 or g.fusion_heads < 1 or hidden % g.fusion_heads:
+            raise ConfigError(
+                f"grounding.fusion_layers must be ≥ 0 and grounding.fusion_heads must divide the "
+                f"LLM width {hidden}; got fusion_layers={g.fusion_layers}, "
+                f"fusion_heads={g.fusion_heads}."
+            )
         if g.weight > 0 or g.pointer:
             if self.projector.has_regions:
                 self.grounding = GroundingHead(

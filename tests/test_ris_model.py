@@ -174,6 +174,15 @@ def test_grounding_head_is_off_for_footprintless_tokens(
     assert model.grounding is None
 
 
+@pytest.mark.parametrize("bad", ["grounding.fusion_layers=-1", "grounding.fusion_heads=3"])
+def test_bad_fusion_settings_are_config_errors(bad, synthref_root, tiny_sam_checkpoint, tmp_path):
+    from datamodules.errors import ConfigError
+
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=(*FUSION_ON, bad))
+    with pytest.raises(ConfigError, match="fusion"):
+        RISModel(cfg, tokenizer_for(cfg))
+
+
 @pytest.mark.parametrize("projector", sorted(PROJECTORS))
 def test_train_fast_dev_run_every_projector(
     projector, synthref_root, tiny_sam_checkpoint, tmp_path
