@@ -117,7 +117,7 @@ class GroundingProbe(nn.Module):
             tokens = self.oracle(self._centroid_code(batch["masks"]))[:, None, :]
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         else:
-            feats = m.tower_features(batch["images"], batch["image_ids"])
+            feats = m.tower_features(batch["images"], batch["image_ids"], batch.get("views"))
             proj = m.projector(feats, batch.get("labels"))
             tokens, mask = proj.tokens, proj.mask
             if self.mode == "oracle_select":
@@ -137,7 +137,11 @@ class GroundingProbe(nn.Module):
         hidden = self._hidden(batch)
         if hidden.shape[0] > 1:
             self.seg_std = float(hidden.detach().std(0).mean())
-        return {"mask_logits": m.decode(m.seg_head(hidden), batch["images"], batch["image_ids"])}
+        return {
+            "mask_logits": m.decode(
+                m.seg_head(hidden), batch["images"], batch["image_ids"], batch.get("views")
+            )
+        }
 
     def loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, float, float]:
         w = self.model.cfg.loss
@@ -267,10 +271,14 @@ def diagnose_grounding(
                     "minutes": (time.time() - start) / 60,
                 }
                 curve.append(point)
+                masks = (
+                    f"val cIoU {ciou:.4f} gIoU {giou:.4f} | train dice {dice_m:.3f} | "
+                    if math.isfinite(ciou)
+                    else ""
+                )
                 bar.write(
-                    f"step {step}: val cIoU {ciou:.4f} gIoU {giou:.4f} | train dice {dice_m:.3f} "
-                    f"| [SEG] hidden spread {std_m:.4f} | point acc train {acc_m:.3f} "
-                    f"val {val_acc:.3f}"
+                    f"step {step}: {masks}[SEG] hidden spread {std_m:.4f} | point acc train "
+                    f"{acc_m:.3f} val {val_acc:.3f}"
                 )
             if step >= steps:
                 break
