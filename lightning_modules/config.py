@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.augment import FlipConfig
 from datamodules.errors import ConfigError
 from lightning_modules.config_compose import (
     CONFIG_ROOT,
@@ -40,6 +41,8 @@ class DataConfig:
     limit_test_sentences: int | None = None  # per eval split, final test
     prompt: str = "<image> What is {sentence} in this image? Please output segmentation mask."
     answer: str = "Sure, [SEG]."
+    # training-time flips (probabilities); spatial words in the sentence are swapped with them
+    augment: FlipConfig = field(default_factory=FlipConfig)
 
 
 @dataclass

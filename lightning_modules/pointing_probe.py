@@ -49,7 +49,7 @@ def _superpixel_rows(model, loader, progress: bool, desc: str) -> list[tuple]:
 
     rows = []
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        feats = model.tower_features(batch["images"], batch["image_ids"])
+        feats = model.tower_features(batch["images"], batch["image_ids"], batch.get("views"))
         h, w = feats.shape[-2:]
         labels, counts = order_superpixels(batch["labels"], 64, "centroid", h)
         k = int(counts.max())

@@ -54,42 +54,51 @@ class FrozenEncoder(nn.Module):
         self.memory = memory
         self.disk_dir = Path(disk_dir) / key if disk_dir else None
 
-    def _load(self, image_id: int) -> torch.Tensor | None:
-        if (self.key, image_id) in _FEATURE_MEMORY:
-            return _FEATURE_MEMORY[(self.key, image_id)]
+    def _load(self, name: str) -> torch.Tensor | None:
+        if (self.key, name) in _FEATURE_MEMORY:
+            return _FEATURE_MEMORY[(self.key, name)]
         if self.disk_dir is not None:
-            path = self.disk_dir / f"{image_id}.npy"
+            path = self.disk_dir / f"{name}.npy"
             if path.is_file():
                 feat = torch.from_numpy(np.load(path).astype(np.float32))
                 if self.memory:
-                    _FEATURE_MEMORY[(self.key, image_id)] = feat
+                    _FEATURE_MEMORY[(self.key, name)] = feat
                 return feat
         return None
 
-    def _store(self, image_id: int, feat: torch.Tensor) -> torch.Tensor:
+    def _store(self, name: str, feat: torch.Tensor) -> torch.Tensor:
         if self.disk_dir is not None:
             feat = feat.half().float()
             self.disk_dir.mkdir(parents=True, exist_ok=True)
-            path = self.disk_dir / f"{image_id}.npy"
+            path = self.disk_dir / f"{name}.npy"
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             with open(tmp, "wb") as fh:
                 np.save(fh, feat.detach().cpu().numpy().astype(np.float16))
             os.replace(tmp, path)
         if self.memory:
-            _FEATURE_MEMORY[(self.key, image_id)] = feat.detach().to("cpu")
+            _FEATURE_MEMORY[(self.key, name)] = feat.detach().to("cpu")
         return feat
 
+    @staticmethod
+    def entry_name(image_id: int, view: int = 0) -> str:
+        """Cache entry of an image seen through a flip `view` (`datamodules.augment`)."""
+        return str(int(image_id)) if not view else f"{int(image_id)}-view{int(view)}"
+
     @torch.no_grad()
-    def forward(self, images: list[torch.Tensor], image_ids: torch.Tensor) -> torch.Tensor:
-        ids = [int(i) for i in image_ids]
+    def forward(
+        self, images: list[torch.Tensor], image_ids: torch.Tensor, views: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Features of `images`; `views` (flips, default none) key the cache with the id."""
+        views_ = [0] * len(image_ids) if views is None else [int(v) for v in views]
+        names = [self.entry_name(i, v) for i, v in zip(image_ids, views_)]
         device = self._device()
-        found = {j: self._load(i) for j, i in enumerate(ids)}
+        found = {j: self._load(n) for j, n in enumerate(names)}
         missing = [j for j, f in found.items() if f is None]
         if missing:
             out = self.encoder(self.preprocess([images[j] for j in missing]))
             for j, feat in zip(missing, out):
-                found[j] = self._store(ids[j], feat)
-        return torch.stack([found[j].to(device) for j in range(len(ids))])
+                found[j] = self._store(names[j], feat)
+        return torch.stack([found[j].to(device) for j in range(len(names))])
 
     def _device(self) -> torch.device:
         for p in self.encoder.parameters():
@@ -269,8 +278,8 @@ class RISModel(pl.LightningModule):
     def forward(self, batch: dict, decode: bool = True) -> dict[str, Any]:
         """The model's outputs; `decode=False` stops before the mask decoder (no `mask_logits`),
         for training or measuring the pointing alone."""
-        images, image_ids = batch["images"], batch["image_ids"]
-        feats = self.tower_features(images, image_ids)
+        images, image_ids, views = batch["images"], batch["image_ids"], batch.get("views")
+        feats = self.tower_features(images, image_ids, views)
         if self.tower.training and not self.cfg.vision.frozen:
             feats = self.tower(self.tower.preprocess(images))
         proj = self.projector(feats, batch.get("labels"))
@@ -297,7 +306,7 @@ class RISModel(pl.LightningModule):
                 seg_hidden, hidden, image_pos, seg_pos, proj, feats, batch
             )
         if decode:
-            extra["mask_logits"] = self.decode(self.seg_head(seg_hidden), images, image_ids)
+            extra["mask_logits"] = self.decode(self.seg_head(seg_hidden), images, image_ids, views)
         return {
             **extra,
             "seg_hidden": seg_hidden,
@@ -364,9 +373,11 @@ class RISModel(pl.LightningModule):
         """Grounding loss and top-1 pointing accuracy of a forward output with a grounding head."""
         return grounding_loss(out["ground_logits"], out["ground_target"], out["ground_valid"])
 
-    def decode(self, prompts: torch.Tensor, images: list, image_ids: torch.Tensor) -> list:
+    def decode(
+        self, prompts: torch.Tensor, images: list, image_ids: torch.Tensor, views=None
+    ) -> list:
         """Mask logits at each image's own size, from one SAM prompt embedding per image."""
-        low_res = decode_masks(self.sam, self.sam_features(images, image_ids), prompts)
+        low_res = decode_masks(self.sam, self.sam_features(images, image_ids, views), prompts)
         masks = []
         for b, img in enumerate(images):
             h, w = int(img.shape[0]), int(img.shape[1])
