@@ -122,7 +122,10 @@ def cmd_precompute(args: argparse.Namespace) -> int:
 def cmd_superpixels_quality(args: argparse.Namespace) -> int:
     from lightning_modules.pipeline import run_superpixel_quality
 
-    run_superpixel_quality(_load(args), sources=args.sources, split=args.split, limit=args.limit)
+    # `--sources sam key=value` : argparse's nargs="*" swallows the overrides; hand them back
+    args.overrides = [*[s for s in args.sources if "=" in s], *args.overrides]
+    sources = [s for s in args.sources if "=" not in s]
+    run_superpixel_quality(_load(args), sources=sources, split=args.split, limit=args.limit)
     return 0
 
 

@@ -100,3 +100,19 @@ def test_show_config(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "name: pool" in out and "k: 2" in out
+
+
+def test_quality_overrides_after_sources_are_overrides(synthref_root, capsys):
+    """`--sources grid data.root=X`: argparse's nargs="*" takes both; the override must apply."""
+    argv = [
+        "superpixels",
+        "quality",
+        "--limit",
+        "2",
+        "--sources",
+        "grid",
+        f"data.root={synthref_root}",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| grid | 2 |" in out and "slic" not in out
