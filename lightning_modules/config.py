@@ -87,6 +87,8 @@ class TrainerConfig:
     num_image_samples: int = 8
     enable_progress_bar: bool = True
     deterministic: bool = False
+    # torch CPU threads (null: torch's default); CPU runs reproduce bit for bit at the same count
+    threads: int | None = None
 
 
 @dataclass

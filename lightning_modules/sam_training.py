@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from datamodules.errors import ConfigError
 from datamodules.refer import ReferDataset
 from lightning_modules.sam_builder import SamConfig, sam_from_config, save_sam
+from lightning_modules.threads import use_threads
 
 
 @dataclass
@@ -60,6 +61,8 @@ class TrainSamConfig:
     precision: str = "32-true"
     out: str = "runs/sam/sam_small.pth"
     val_limit: int | None = 500
+    # torch CPU threads (null: torch's default); the same seed gives the same SAM at the same count
+    threads: int | None = None
 
 
 def _check(cfg: TrainSamConfig) -> None:
@@ -345,6 +348,7 @@ def train_sam(cfg: TrainSamConfig, progress: bool = True) -> dict[str, Any]:
     (on rank 0; other ranks of a multi-device run return ``{}``).
     """
     _check(cfg)
+    threads = use_threads(cfg.threads, "train_sam.threads")
     start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     train = ReferDataset(cfg.root, cfg.dataset, cfg.split_by, cfg.train_split)
@@ -393,6 +397,7 @@ def train_sam(cfg: TrainSamConfig, progress: bool = True) -> dict[str, Any]:
         "train_minutes": train_minutes,
         "steps": int(trainer.global_step),
         "checkpoint": str(out),
+        "threads": threads,
     }
     _atomic_json(out.parent / "metrics.json", {**result, "config": asdict(cfg)})
     return result

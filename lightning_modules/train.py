@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.errors import ConfigError, DataError
 from lightning_modules.config_compose import save_config
+from lightning_modules.threads import use_threads
 
 HPARAM_KEYS = (
     "projector",
@@ -146,6 +147,7 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
     from lightning_modules.tokenizer_setup import tokenizer_for
 
     _check_inputs(cfg)
+    threads = use_threads(cfg.trainer.threads, "trainer.threads")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -181,6 +183,7 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
             "start_epoch": model.start_epoch,
             "epochs": trainer.current_epoch,
             "tensorboard": logger.log_dir,
+            "threads": threads,
         }
     )
     first = cfg.data.eval_splits[0] if cfg.data.eval_splits else None
@@ -202,6 +205,7 @@ def evaluate(cfg: DictConfig, ckpt: str | None = None) -> dict[str, Any]:
     from lightning_modules.tokenizer_setup import tokenizer_for
 
     _check_inputs(cfg)
+    threads = use_threads(cfg.trainer.threads, "trainer.threads")
     run_dir = run_dir_for(cfg)
     if ckpt is None:
         for name in ("best.ckpt", "last.ckpt"):
@@ -223,6 +227,7 @@ def evaluate(cfg: DictConfig, ckpt: str | None = None) -> dict[str, Any]:
     results = trainer.test(model, datamodule=dm, verbose=False)
     metrics = _metrics_from(results, list(cfg.data.eval_splits), "test")
     metrics["checkpoint"] = str(ckpt)
+    metrics["threads"] = threads
     if trainer.is_global_zero:
         print(format_metrics(metrics, list(cfg.data.eval_splits)))
         _write_json(run_dir / f"eval-{Path(ckpt).stem}.json", metrics)

@@ -251,6 +251,7 @@ def test_train_resume_eval_and_tensorboard(synthref_root, tiny_sam_checkpoint, t
         )
     )
     assert metrics["start_epoch"] == 0 and resumed["start_epoch"] == 1  # continued, not restarted
+    assert metrics["threads"] == torch.get_num_threads()  # recorded: results depend on it
     assert resumed["epochs"] == 2
 
     config = Path(metrics["run_dir"]) / "config.yaml"

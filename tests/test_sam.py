@@ -221,11 +221,18 @@ def test_train_sam_saves_a_loadable_reproducible_checkpoint(synthref_root, tmp_p
             warmup_steps=1,
             out=str(tmp_path / name / "sam.pth"),
             val_limit=2,
+            threads=1,  # bit-identical weights need the same thread count
         )
         return train_sam(cfg, progress=False)
 
-    first, second = run("a"), run("b")
+    before = torch.get_num_threads()
+    try:
+        first, second = run("a"), run("b")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
     assert first["steps"] == 3 and 0.0 <= first["miou"] <= 1.0
+    assert first["threads"] == 1
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["miou"] == first["miou"]
     a, b = load_sam(first["checkpoint"]), load_sam(second["checkpoint"])
     for key, value in a.state_dict().items():
@@ -236,5 +243,7 @@ def test_train_sam_saves_a_loadable_reproducible_checkpoint(synthref_root, tmp_p
 def test_train_config_errors_name_the_key(synthref_root):
     with pytest.raises(ConfigError, match="batch_size"):
         train_sam(TrainSamConfig(root=str(synthref_root), batch_size=0), progress=False)
+    with pytest.raises(ConfigError, match="train_sam.threads"):
+        train_sam(TrainSamConfig(root=str(synthref_root), threads=0), progress=False)
     with pytest.raises(ConfigError, match="out="):
         train_sam(TrainSamConfig(root=str(synthref_root), out="runs/sam/x.pt"), progress=False)
