@@ -313,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="start from a saved run config.yaml")
     p = add("eval", "Evaluate a trained RIS checkpoint on the eval splits.", cmd_eval)
     p.add_argument("--config", help="the run's saved config.yaml")
-    p.add_argument("--ckpt", required=False, help="checkpoint path (default: the run's last.ckpt)")
+    p.add_argument(
+        "--ckpt",
+        required=False,
+        help="checkpoint path (default: the run's best.ckpt, else its last.ckpt)",
+    )
     add("sweep", "Run an Optuna sweep (sweep.space=<name>).", cmd_sweep)
     add("report", "Write the Pareto report of a study (sweep.name=<study>).", cmd_report)
     add("bench", "Measure tokens, step time and latency per projector.", cmd_bench)

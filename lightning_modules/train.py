@@ -68,15 +68,23 @@ def _trainer(
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
     t = cfg.trainer
-    ckpt = ModelCheckpoint(
+    best = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor="val/ciou",
         mode="max",
         save_top_k=1,
-        save_last=True,
     )
-    cbs = [ckpt, *callbacks]
+    # Lightning 2.6 writes `save_last=True` only when a top-k file is written, so last.ckpt would
+    # stay at the best epoch and `ckpt_path=last` would lose every epoch after it. A second,
+    # monitor-free callback overwrites last.ckpt after every epoch instead.
+    last = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="last",
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    cbs = [best, last, *callbacks]
     if logger is not None:
         cbs.append(LearningRateMonitor(logging_interval="step"))
     kwargs: dict[str, Any] = {
