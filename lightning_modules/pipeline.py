@@ -31,10 +31,11 @@ def _require_data(cfg: DictConfig) -> None:
 
 # ------------------------------------------------------------------------------ train-sam
 def run_train_sam(cfg: DictConfig, force: bool = False, progress: bool = True) -> dict:
-    from lightning_modules.sam_training import TrainSamConfig, train_sam
+    from lightning_modules.sam_training import TrainSamConfig, check_config, train_sam
 
-    _require_data(cfg)
     ts: TrainSamConfig = OmegaConf.to_object(cfg.train_sam)
+    check_config(ts)  # config errors first, before looking for data or an existing SAM
+    _require_data(cfg)
     out = Path(ts.out)
     metrics_file = out.parent / "metrics.json"
     if out.is_file() and not force:
@@ -64,7 +65,10 @@ def cache_splits(cfg: DictConfig, splits: list[str] | None = None) -> list[str]:
 
 def run_precompute(cfg: DictConfig, splits: list[str] | None = None, progress: bool = True):
     from datamodules.superpixels.precompute import precompute_superpixels
+    from lightning_modules.threads import use_threads
 
+    # SAM inference on another thread count can flip a mask at the stability threshold
+    use_threads(cfg.trainer.threads, "trainer.threads")
     _require_data(cfg)
     datasets = [_refer(cfg, s) for s in cache_splits(cfg, splits)]
     t = cfg.trainer

@@ -65,7 +65,8 @@ class TrainSamConfig:
     threads: int | None = None
 
 
-def _check(cfg: TrainSamConfig) -> None:
+def check_config(cfg: TrainSamConfig) -> None:
+    """Raise a ConfigError naming the `train_sam.*` key of the first invalid value."""
     positive = (
         "max_steps",
         "batch_size",
@@ -80,6 +81,10 @@ def _check(cfg: TrainSamConfig) -> None:
     for key in ("weight_decay", "warmup_steps", "num_workers"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"train_sam.{key}={getattr(cfg, key)} must not be negative")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(
+            f"train_sam.threads={cfg.threads} must be a positive thread count or null"
+        )
     for key in ("max_minutes", "val_limit"):
         if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
             raise ConfigError(
@@ -347,7 +352,7 @@ def train_sam(cfg: TrainSamConfig, progress: bool = True) -> dict[str, Any]:
     Returns ``{"miou", "miou_oracle", "minutes", "train_minutes", "steps", "checkpoint"}``
     (on rank 0; other ranks of a multi-device run return ``{}``).
     """
-    _check(cfg)
+    check_config(cfg)
     threads = use_threads(cfg.threads, "train_sam.threads")
     start = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

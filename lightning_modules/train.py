@@ -154,8 +154,8 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
     from lightning_modules.ris_model import RISModel
     from lightning_modules.tokenizer_setup import tokenizer_for
 
-    _check_inputs(cfg)
     threads = use_threads(cfg.trainer.threads, "trainer.threads")
+    _check_inputs(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,8 +212,8 @@ def evaluate(cfg: DictConfig, ckpt: str | None = None) -> dict[str, Any]:
     from lightning_modules.ris_model import RISModel
     from lightning_modules.tokenizer_setup import tokenizer_for
 
-    _check_inputs(cfg)
     threads = use_threads(cfg.trainer.threads, "trainer.threads")
+    _check_inputs(cfg)
     run_dir = run_dir_for(cfg)
     if ckpt is None:
         for name in ("best.ckpt", "last.ckpt"):

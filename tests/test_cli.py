@@ -92,6 +92,10 @@ def test_bad_input_exits_nonzero_with_message(tmp_path, capsys):
     assert err.startswith("error:") and "missing" in err
     assert main(["train", "trainer.max_epoch=1"]) == 2
     assert "trainer.max_epoch" in capsys.readouterr().err
+    for cmd in ("train", "precompute", "train-sam"):
+        key = "train_sam.threads" if cmd == "train-sam" else "trainer.threads"
+        assert main([cmd, f"{key}=0"]) == 2
+        assert f"{key}=0 must be a positive thread count" in capsys.readouterr().err
 
 
 def test_show_config(capsys):
