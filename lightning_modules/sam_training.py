@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from datamodules.errors import ConfigError
 from datamodules.refer import ReferDataset
 from lightning_modules.sam_builder import SamConfig, sam_from_config, save_sam
-from lightning_modules.threads import use_threads
+from lightning_modules.threads import check_threads, use_threads
 
 
 @dataclass
@@ -81,10 +81,7 @@ def check_config(cfg: TrainSamConfig) -> None:
     for key in ("weight_decay", "warmup_steps", "num_workers"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"train_sam.{key}={getattr(cfg, key)} must not be negative")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ConfigError(
-            f"train_sam.threads={cfg.threads} must be a positive thread count or null"
-        )
+    check_threads(cfg.threads, "train_sam.threads")
     for key in ("max_minutes", "val_limit"):
         if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
             raise ConfigError(

@@ -13,12 +13,17 @@ import torch
 from datamodules.errors import ConfigError
 
 
+def check_threads(threads: int | None, key: str) -> None:
+    """Raise a ConfigError naming `key` unless `threads` is None or a positive count."""
+    if threads is not None and int(threads) < 1:
+        raise ConfigError(f"{key}={threads} must be a positive thread count or null")
+
+
 def use_threads(threads: int | None, key: str) -> int:
     """Set torch's intra-op thread count to `threads` (None: leave it) and return the count in use.
 
     `key` names the config entry in the error for a non-positive value."""
+    check_threads(threads, key)
     if threads is not None:
-        if int(threads) < 1:
-            raise ConfigError(f"{key}={threads} must be a positive thread count or null")
         torch.set_num_threads(int(threads))
     return torch.get_num_threads()
