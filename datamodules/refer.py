@@ -170,6 +170,28 @@ class ReferDataset:
         self._image_info(image_id)
         return list(self._instances.by_image.get(image_id, ()))
 
+    def instance_labels(self, image_id: int, key: str) -> list:
+        """The `key` label of every annotation of the image, in `instance_ann_ids` order.
+
+        `category` is the annotation's `category_id`; any other key is read from its
+        `attributes` (SynthRef: shape, color, size, texture).
+        """
+        out = []
+        for ann_id in self.instance_ann_ids(image_id):
+            ann = self._instances.annotations[ann_id]
+            if key == "category":
+                value = ann.get("category_id")
+            else:
+                value = ann.get("attributes", {}).get(key)
+            if value is None:
+                where = "category_id" if key == "category" else f"attributes.{key}"
+                raise DataError(
+                    f"{self._instances.path}: annotation {ann_id} has no {where}; use only "
+                    "label keys that every annotation has (`category` for COCO-style data)."
+                )
+            out.append(value)
+        return out
+
     def instance_masks(self, image_id: int) -> np.ndarray:
         """N×H×W uint8 masks of every annotation of the image, in `instance_ann_ids` order."""
         info = self._image_info(image_id)

@@ -245,3 +245,43 @@ def sam_from_config(cfg: SamConfig) -> Sam:
     if cfg.checkpoint:
         return load_sam(cfg.checkpoint, cfg.model_type)
     return build_sam(cfg)
+
+
+def encoder_depth_layer(encoder: ImageEncoderViT, layer: int) -> int:
+    """`layer` in SAM-encoder state numbering — 0 = patch embedding (+ position), 1..depth = block
+    outputs, depth + 1 (or −1) = neck — as a non-negative index; ConfigError if out of range."""
+    depth = len(encoder.blocks)
+    if not -depth - 2 <= layer <= depth + 1:
+        raise ConfigError(
+            f"layer {layer} is outside -{depth + 2}..{depth + 1} for a SAM encoder with {depth} "
+            "blocks (0 = patch embedding, 1..depth = blocks, -1 = neck output)"
+        )
+    return layer % (depth + 2)
+
+
+def encoder_states(
+    encoder: ImageEncoderViT, pixels: torch.Tensor, layer: int, neck: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One pass of SAM's image encoder: (the neck output, or None without `neck`; the state at
+    `layer` as B×C×h×w). Without `neck` the pass stops at `layer`. Same arithmetic as
+    `ImageEncoderViT.forward`."""
+    depth = len(encoder.blocks)
+    layer = encoder_depth_layer(encoder, layer)
+    neck = neck or layer == depth + 1
+    x = encoder.patch_embed(pixels)
+    if encoder.pos_embed is not None:
+        x = x + encoder.pos_embed
+    kept = x if layer == 0 else None
+    for i, block in enumerate(encoder.blocks[: depth if neck else layer], start=1):
+        x = block(x)
+        if i == layer:
+            kept = x
+    out = encoder.neck(x.permute(0, 3, 1, 2)) if neck else None
+    return out, (out if layer == depth + 1 else kept.permute(0, 3, 1, 2))
+
+
+def encoder_state_channels(encoder: ImageEncoderViT, layer: int) -> int:
+    """Channels of the encoder state at `layer` (numbered as in `encoder_states`)."""
+    if encoder_depth_layer(encoder, layer) == len(encoder.blocks) + 1:
+        return encoder.neck[0].out_channels
+    return encoder.patch_embed.proj.out_channels

@@ -23,12 +23,19 @@ import torch.nn.functional as F
 from scipy import ndimage
 from segment_anything.modeling import MaskDecoder, Sam
 from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from datamodules.errors import ConfigError
 from datamodules.refer import ReferDataset
-from lightning_modules.sam_builder import SamConfig, sam_from_config, save_sam
+from lightning_modules.sam_builder import (
+    SamConfig,
+    encoder_state_channels,
+    encoder_states,
+    sam_from_config,
+    save_sam,
+)
 from lightning_modules.threads import check_threads, use_threads
 
 
@@ -63,6 +70,16 @@ class TrainSamConfig:
     val_limit: int | None = 500
     # torch CPU threads (null: torch's default); the same seed gives the same SAM at the same count
     threads: int | None = None
+    # Semantic pre-training of the encoder (off when empty): a linear head on the encoder state at
+    # `semantic_layer` (0 = patch embedding, 1..depth = blocks, -1 = neck) classifies every
+    # feature-grid cell by the labels of the instances covering it (soft cross-entropy on the
+    # cell's class fractions, background included). Keys: `category` (COCO category_id) or an
+    # annotation attribute (SynthRef: shape, color, size, texture). The head is not saved: it only
+    # shapes the encoder, which a small SAM trained from scratch would otherwise leave blind to
+    # what the objects are (docs/BENCHMARKS.md, session 8).
+    semantic_labels: list[str] = field(default_factory=list)
+    semantic_layer: int = -1
+    semantic_weight: float = 1.0
 
 
 def check_config(cfg: TrainSamConfig) -> None:
@@ -82,6 +99,10 @@ def check_config(cfg: TrainSamConfig) -> None:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"train_sam.{key}={getattr(cfg, key)} must not be negative")
     check_threads(cfg.threads, "train_sam.threads")
+    if cfg.semantic_weight < 0:
+        raise ConfigError(f"train_sam.semantic_weight={cfg.semantic_weight} must not be negative")
+    if len(set(cfg.semantic_labels)) != len(cfg.semantic_labels):
+        raise ConfigError(f"train_sam.semantic_labels={list(cfg.semantic_labels)} repeats a key")
     for key in ("max_minutes", "val_limit"):
         if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
             raise ConfigError(
@@ -93,15 +114,47 @@ def check_config(cfg: TrainSamConfig) -> None:
         )
 
 
+def label_vocabulary(refer: ReferDataset, keys: list[str]) -> dict[str, list]:
+    """Per label key, its sorted values over every instance of the split's images (class i + 1;
+    class 0 is the background)."""
+    values: dict[str, set] = {key: set() for key in keys}
+    for image_id in refer.image_ids:
+        for key in keys:
+            values[key].update(refer.instance_labels(image_id, key))
+    return {key: sorted(v, key=str) for key, v in values.items()}
+
+
+def label_maps(refer: ReferDataset, image_id: int, vocab: dict[str, list]) -> torch.Tensor:
+    """L×H×W int64 class maps of one image (original size), one per key of `vocab`: 0 where no
+    instance is, else 1 + the index of the instance's value (a later instance overwrites an
+    earlier one where they overlap); a value not in the vocabulary counts as background."""
+    masks = torch.from_numpy(refer.instance_masks(image_id)).bool()
+    out = torch.zeros(len(vocab), *masks.shape[-2:], dtype=torch.long)
+    for i, (key, values) in enumerate(vocab.items()):
+        index = {v: j + 1 for j, v in enumerate(values)}
+        for mask, value in zip(masks, refer.instance_labels(image_id, key)):
+            out[i][mask] = index.get(value, 0)
+    return out
+
+
 class SamInstanceDataset(Dataset):
     """Images of a split, each with up to ``instances`` of its non-empty instance masks, at random.
 
-    Items: ``image`` 3×h×w uint8 (resized so the long side is ``img_size``, unpadded) and
-    ``masks`` K×h×w float.
+    Items: ``image`` 3×h×w uint8 (resized so the long side is ``img_size``, unpadded),
+    ``masks`` K×h×w float and, with a `vocab` (`label_vocabulary`), ``labels`` L×h×w int64 class
+    maps of every instance (`label_maps`), resized and flipped with the image.
     """
 
-    def __init__(self, refer: ReferDataset, img_size: int, instances: int, flip: bool) -> None:
+    def __init__(
+        self,
+        refer: ReferDataset,
+        img_size: int,
+        instances: int,
+        flip: bool,
+        vocab: dict[str, list] | None = None,
+    ) -> None:
         self.refer, self.instances, self.flip = refer, instances, flip
+        self.vocab = vocab or {}
         self.image_ids = list(refer.image_ids)
         self.transform = ResizeLongestSide(img_size)
 
@@ -118,11 +171,18 @@ class SamInstanceDataset(Dataset):
         if masks.shape[0] and masks.shape[-2:] != image.shape[-2:]:
             masks = F.interpolate(masks[None], image.shape[-2:], mode="nearest")[0]
             masks = masks[masks.flatten(1).any(1)]
+        item = {"image": image, "masks": masks}
+        if self.vocab:
+            labels = label_maps(self.refer, image_id, self.vocab)
+            if labels.shape[-2:] != image.shape[-2:]:
+                labels = F.interpolate(labels[None].float(), image.shape[-2:], mode="nearest")
+                labels = labels[0].long()
+            item["labels"] = labels
         if self.flip:
             dims = [d for d, p in zip((-1, -2), torch.rand(2)) if p < 0.5]
             if dims:
-                image, masks = image.flip(dims), masks.flip(dims)
-        return {"image": image, "masks": masks}
+                item = {key: value.flip(dims) for key, value in item.items()}
+        return item
 
 
 def collate_instances(items: list[dict]) -> dict[str, list[torch.Tensor]]:
@@ -192,11 +252,53 @@ def decode_masks(
 class SamTrainingModule(pl.LightningModule):
     """SAM (image encoder, prompt encoder, mask decoder) under SAM's promptable loss."""
 
-    def __init__(self, cfg: TrainSamConfig) -> None:
+    def __init__(self, cfg: TrainSamConfig, vocab: dict[str, list] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.sam = sam_from_config(cfg.sam)
         self.sam.train()
+        # semantic pre-training: one linear classifier per label key on the chosen encoder state
+        self.vocab = vocab or {}
+        try:
+            channels = encoder_state_channels(self.sam.image_encoder, cfg.semantic_layer)
+        except ConfigError as err:
+            raise ConfigError(f"train_sam.semantic_layer: {err}") from None
+        self.semantic_heads = nn.ModuleDict(
+            {key: nn.Conv2d(channels, len(values) + 1, 1) for key, values in self.vocab.items()}
+        )
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image embeddings (the neck) and, with semantic heads, the state they read."""
+        if not self.vocab:
+            return self.sam.image_encoder(images), None
+        return encoder_states(self.sam.image_encoder, images, self.cfg.semantic_layer)
+
+    def semantic_terms(
+        self, state: torch.Tensor, labels: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Mean soft cross-entropy of the heads over the feature-grid cells inside the images, and
+        per key (right, counted): top-1 hits among the cells an instance covers most of."""
+        size = self.sam.image_encoder.img_size
+        grid = state.shape[-2:]
+        maps = torch.stack(
+            [F.pad(m, (0, size - m.shape[-1], 0, size - m.shape[-2]), value=-1) for m in labels]
+        )
+        inside = F.adaptive_avg_pool2d((maps[:, :1] >= 0).float(), grid)[:, 0]
+        keep = inside > 0
+        losses, accuracy = [], {}
+        for i, (key, head) in enumerate(self.semantic_heads.items()):
+            classes = len(self.vocab[key]) + 1
+            onehot = F.one_hot(maps[:, i].clamp(min=0), classes).permute(0, 3, 1, 2).float()
+            onehot = onehot * (maps[:, i : i + 1] >= 0)
+            target = F.adaptive_avg_pool2d(onehot, grid) / inside[:, None].clamp(min=1e-9)
+            logp = head(state).log_softmax(1)
+            losses.append(-(target * logp).sum(1)[keep].mean())
+            with torch.no_grad():
+                share, best = target.max(1)
+                objects = keep & (best > 0) & (share > 0.5)
+                hit = (logp.argmax(1) == best) & objects
+                accuracy[key] = (hit.sum(), objects.sum())
+        return torch.stack(losses).mean(), accuracy
 
     def sample_points(self, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """1..``points_per_instance`` uniform foreground points (x, y) per mask, labels 1."""
@@ -209,14 +311,22 @@ class SamTrainingModule(pl.LightningModule):
     def losses(self, batch: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
         sam, size = self.sam, self.sam.image_encoder.img_size
         images = torch.stack([sam.preprocess(im.float()) for im in batch["image"]])
-        embeddings = sam.image_encoder(images)
+        embeddings, state = self.encode(images)
+        semantic: dict[str, torch.Tensor] = {}
+        if state is not None:
+            semantic_loss, accuracy = self.semantic_terms(state, batch["labels"])
+            semantic = {
+                "semantic": semantic_loss,
+                **{f"acc_{k}": r / c.clamp(min=1) for k, (r, c) in accuracy.items()},
+            }
+        extra = self.cfg.semantic_weight * semantic["semantic"] if semantic else 0.0
         counts = torch.tensor([len(m) for m in batch["masks"]], device=embeddings.device)
         targets = torch.cat(
             [F.pad(m, (0, size - m.shape[-1], 0, size - m.shape[-2])) for m in batch["masks"]]
         )
         if not len(targets):
             zero = embeddings.sum() * 0
-            return {"loss": zero, "mask": zero, "iou": zero, "best_iou": zero}
+            return {"loss": zero + extra, "mask": zero, "iou": zero, "best_iou": zero, **semantic}
         points, labels = self.sample_points(targets)
         sparse, dense = sam.prompt_encoder(points=(points, labels), boxes=None, masks=None)
         low_res, iou_pred = decode_masks(
@@ -235,10 +345,11 @@ class SamTrainingModule(pl.LightningModule):
             actual = mask_iou(logits > sam.mask_threshold, targets)
         iou_loss = F.mse_loss(iou_pred, actual)
         return {
-            "loss": mask_loss + self.cfg.iou_weight * iou_loss,
+            "loss": mask_loss + self.cfg.iou_weight * iou_loss + extra,
             "mask": mask_loss,
             "iou": iou_loss,
             "best_iou": actual[:, 1:].max(1).values.mean(),
+            **semantic,
         }
 
     def training_step(self, batch: dict[str, list[torch.Tensor]], batch_idx: int) -> torch.Tensor:
@@ -248,6 +359,9 @@ class SamTrainingModule(pl.LightningModule):
         self.log("train/mask_loss", out["mask"], batch_size=n)
         self.log("train/iou_loss", out["iou"], batch_size=n)
         self.log("train/best_iou", out["best_iou"], prog_bar=True, batch_size=n)
+        for key in ("semantic", *(f"acc_{k}" for k in self.vocab)):
+            if key in out:
+                self.log(f"train/{key}", out[key], batch_size=n)
         return out["loss"]
 
     def configure_optimizers(self):
@@ -337,6 +451,31 @@ def evaluate_single_point(
     }
 
 
+@torch.no_grad()
+def evaluate_semantic(
+    module: SamTrainingModule, refer: ReferDataset, limit: int | None = None
+) -> dict[str, float]:
+    """Per label key, the semantic head's top-1 accuracy on the feature-grid cells of the first
+    `limit` images that an instance covers most of (class 0, background, excluded)."""
+    was_training = module.training
+    module.eval()
+    data = SamInstanceDataset(
+        refer, module.sam.image_encoder.img_size, 1, flip=False, vocab=module.vocab
+    )
+    right = dict.fromkeys(module.vocab, 0)
+    counted = dict.fromkeys(module.vocab, 0)
+    for index in range(len(data.image_ids[:limit])):
+        item = data[index]
+        image = module.sam.preprocess(item["image"].float().to(module.device))[None]
+        _, state = module.encode(image)
+        _, accuracy = module.semantic_terms(state, [item["labels"].to(module.device)])
+        for key, (r, c) in accuracy.items():
+            right[key] += int(r)
+            counted[key] += int(c)
+    module.train(was_training)
+    return {key: right[key] / max(1, counted[key]) for key in module.vocab}
+
+
 def _atomic_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -355,12 +494,14 @@ def train_sam(cfg: TrainSamConfig, progress: bool = True) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     train = ReferDataset(cfg.root, cfg.dataset, cfg.split_by, cfg.train_split)
     val = ReferDataset(cfg.root, cfg.dataset, cfg.split_by, cfg.val_split)
-    module = SamTrainingModule(cfg)
+    vocab = label_vocabulary(train, list(cfg.semantic_labels)) if cfg.semantic_labels else None
+    module = SamTrainingModule(cfg, vocab)
     data = SamInstanceDataset(
         train,
         module.sam.image_encoder.img_size,
         cfg.instances_per_image,
         cfg.flip,
+        vocab,
     )
     loader = DataLoader(
         data,
@@ -393,6 +534,9 @@ def train_sam(cfg: TrainSamConfig, progress: bool = True) -> dict[str, Any]:
     sam = module.sam.eval()
     save_sam(sam, replace(cfg.sam, checkpoint=None), out)
     metrics = evaluate_single_point(sam, val, cfg.val_limit, progress)
+    if vocab:
+        metrics["semantic_accuracy"] = evaluate_semantic(module, val, cfg.val_limit)
+        metrics["semantic_classes"] = {key: len(values) for key, values in vocab.items()}
     result = {
         **metrics,
         "minutes": (time.perf_counter() - start) / 60,

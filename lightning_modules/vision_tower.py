@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from datamodules.errors import ConfigError
-from lightning_modules.sam_builder import load_sam
+from lightning_modules.sam_builder import encoder_state_channels, encoder_states, load_sam
 
 TOWER_NAMES = ("clip", "dinov2", "sam_encoder")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -185,10 +185,7 @@ class VisionTower(nn.Module):
                     f"-{depth + 2}..{depth + 1} for a SAM encoder with {depth} blocks "
                     "(0 = patch embedding, 1..depth = blocks, -1 = neck output)"
                 )
-            if cfg.feature_layer in (-1, depth + 1):
-                self.out_channels = self.model.neck[0].out_channels
-            else:
-                self.out_channels = self.model.patch_embed.proj.out_channels
+            self.out_channels = encoder_state_channels(self.model, cfg.feature_layer)
             if self.model.img_size != cfg.image_size:
                 raise ConfigError(
                     f"vision_tower.image_size={cfg.image_size} but the SAM encoder in "
@@ -244,19 +241,9 @@ class VisionTower(nn.Module):
         return (pixels - self.pixel_mean) / self.pixel_std
 
     def _sam_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """SAM encoder states indexed like HF hidden_states, with the neck appended last:
-        0 = patch embedding (+ position), 1..depth = block outputs, depth + 1 (or -1) = neck."""
-        enc = self.model
-        depth = len(enc.blocks)
-        layer = self.cfg.feature_layer % (depth + 2)
-        if layer == depth + 1:
-            return enc(pixel_values)
-        x = enc.patch_embed(pixel_values)
-        if enc.pos_embed is not None:
-            x = x + enc.pos_embed
-        for block in enc.blocks[:layer]:
-            x = block(x)
-        return x.permute(0, 3, 1, 2)
+        """SAM encoder state at `feature_layer` (0 = patch embedding (+ position), 1..depth = block
+        outputs, depth + 1 (or -1) = neck), computed no further than needed."""
+        return encoder_states(self.model, pixel_values, self.cfg.feature_layer, neck=False)[1]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.frozen):

@@ -8,7 +8,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
 from segment_anything.modeling import Sam
 
-from datamodules.errors import ConfigError
+from datamodules.errors import ConfigError, DataError
 from datamodules.refer import ReferDataset
 from lightning_modules import sam_training
 from lightning_modules.sam_builder import (
@@ -247,3 +247,107 @@ def test_train_config_errors_name_the_key(synthref_root):
         train_sam(TrainSamConfig(root=str(synthref_root), threads=0), progress=False)
     with pytest.raises(ConfigError, match="out="):
         train_sam(TrainSamConfig(root=str(synthref_root), out="runs/sam/x.pt"), progress=False)
+
+
+# ------------------------------------------------------------------ semantic pre-training
+
+
+def test_encoder_states_match_sam_encoder_forward():
+    from lightning_modules.sam_builder import encoder_state_channels, encoder_states
+
+    enc = _tiny_sam().image_encoder.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        neck, state = encoder_states(enc, x, 1)
+        torch.testing.assert_close(neck, enc(x), rtol=0, atol=0)
+        manual = enc.blocks[0](enc.patch_embed(x) + enc.pos_embed).permute(0, 3, 1, 2)
+        torch.testing.assert_close(state, manual, rtol=0, atol=0)
+        none, early = encoder_states(enc, x, 1, neck=False)
+        assert none is None
+        torch.testing.assert_close(early, manual, rtol=0, atol=0)
+        torch.testing.assert_close(encoder_states(enc, x, -1)[1], neck, rtol=0, atol=0)
+    assert encoder_state_channels(enc, 1) == 32 == state.shape[1]
+    assert encoder_state_channels(enc, -1) == 32 == neck.shape[1]
+    with pytest.raises(ConfigError, match="outside"):
+        encoder_states(enc, x, 5)
+
+
+def test_label_maps_follow_the_instances(synthref_root):
+    refer = ReferDataset(synthref_root, "synthref", "unc", "train")
+    vocab = sam_training.label_vocabulary(refer, ["category", "shape", "color"])
+    assert vocab["category"] == sorted(vocab["category"]) and len(vocab["color"]) > 1
+    image_id = refer.image_ids[0]
+    maps = sam_training.label_maps(refer, image_id, vocab)
+    masks = refer.instance_masks(image_id).astype(bool)
+    assert maps.shape == (3, *masks.shape[1:])
+    assert ((maps > 0).numpy() == masks.any(0)).all()  # background exactly where no instance is
+    # the last instance is drawn last: its pixels carry its own category and colour
+    last = refer.instance_ann_ids(image_id)[-1]
+    ann = refer._instances.annotations[last]
+    pixels = maps[:, torch.from_numpy(masks[-1])]
+    assert (pixels[0] == vocab["category"].index(ann["category_id"]) + 1).all()
+    assert (pixels[2] == vocab["color"].index(ann["attributes"]["color"]) + 1).all()
+    # SynthRef's category is its shape: one shape class per category class
+    for c in maps[0].unique():
+        assert len(maps[1][maps[0] == c].unique()) == 1
+    with pytest.raises(DataError, match="attributes.weight"):
+        refer.instance_labels(image_id, "weight")
+
+
+def test_semantic_heads_learn_and_are_not_saved(synthref_root, tmp_path):
+    cfg = TrainSamConfig(
+        root=str(synthref_root),
+        sam=TINY,
+        instances_per_image=4,
+        semantic_labels=["category", "color"],
+        semantic_layer=1,
+    )
+    refer = ReferDataset(synthref_root, "synthref", "unc", "train")
+    vocab = sam_training.label_vocabulary(refer, list(cfg.semantic_labels))
+    torch.manual_seed(0)
+    module = SamTrainingModule(cfg, vocab)
+    data = SamInstanceDataset(refer, 64, instances=4, flip=True, vocab=vocab)
+    item = data[0]
+    assert item["labels"].shape == (2, 64, 64) and item["labels"].dtype == torch.long
+    batch = collate_instances([data[i] for i in range(8)])
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    with torch.no_grad():
+        before = module.losses(batch)["semantic"].item()
+    for _ in range(15):
+        opt.zero_grad()
+        module.losses(batch)["loss"].backward()
+        opt.step()
+    with torch.no_grad():
+        out = module.losses(batch)
+    assert out["semantic"].item() < 0.7 * before
+    assert 0.0 <= float(out["acc_color"]) <= 1.0
+    # end to end: the val accuracy is recorded, the checkpoint is plain SAM
+    run = TrainSamConfig(
+        root=str(synthref_root),
+        sam=TINY,
+        max_steps=2,
+        batch_size=4,
+        warmup_steps=1,
+        out=str(tmp_path / "sem" / "sam.pth"),
+        val_limit=2,
+        semantic_labels=["category"],
+        semantic_layer=-1,
+    )
+    result = train_sam(run, progress=False)
+    assert set(result["semantic_accuracy"]) == {"category"}
+    assert 0.0 <= result["semantic_accuracy"]["category"] <= 1.0
+    saved = json.loads((tmp_path / "sem" / "metrics.json").read_text())
+    assert saved["semantic_classes"] == {"category": len(vocab["category"])}
+    state = torch.load(result["checkpoint"], weights_only=True)
+    assert not any("semantic" in key for key in state)
+    load_sam(result["checkpoint"])
+
+
+def test_semantic_config_errors_name_the_key(synthref_root):
+    root = str(synthref_root)
+    with pytest.raises(ConfigError, match="train_sam.semantic_weight"):
+        train_sam(TrainSamConfig(root=root, semantic_weight=-1.0), progress=False)
+    with pytest.raises(ConfigError, match="train_sam.semantic_labels"):
+        train_sam(TrainSamConfig(root=root, semantic_labels=["color", "color"]), progress=False)
+    with pytest.raises(ConfigError, match="train_sam.semantic_layer"):
+        SamTrainingModule(TrainSamConfig(sam=TINY, semantic_layer=9), {"color": ["red"]})
