@@ -52,7 +52,7 @@ def run_train_sam(cfg: DictConfig, force: bool = False, progress: bool = True) -
             f"{result['miou']:.3f} after {result['steps']} steps, {result['minutes']:.1f} min"
         )
         for key, accuracy in result.get("semantic_accuracy", {}).items():
-            print(f"  semantic head `{key}`: val top-1 {accuracy:.3f} on object cells")
+            print(f"  semantic head `{key}`: val top-1 {accuracy:.3f} over the instances")
     return result
 
 

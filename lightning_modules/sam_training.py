@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from datamodules.errors import ConfigError
+from datamodules.errors import ConfigError, DataError
 from datamodules.refer import ReferDataset
 from lightning_modules.sam_builder import (
     SamConfig,
@@ -70,13 +70,13 @@ class TrainSamConfig:
     val_limit: int | None = 500
     # torch CPU threads (null: torch's default); the same seed gives the same SAM at the same count
     threads: int | None = None
-    # Semantic pre-training of the encoder (off when empty): a linear head on the encoder state at
-    # `semantic_layer` (0 = patch embedding, 1..depth = blocks, -1 = neck) classifies every
-    # feature-grid cell by the labels of the instances covering it (soft cross-entropy on the
-    # cell's class fractions, background included). Keys: `category` (COCO category_id) or an
-    # annotation attribute (SynthRef: shape, color, size, texture). The head is not saved: it only
-    # shapes the encoder, which a small SAM trained from scratch would otherwise leave blind to
-    # what the objects are (docs/BENCHMARKS.md, session 8).
+    # Semantic pre-training of the encoder (off when empty): the encoder state at `semantic_layer`
+    # (0 = patch embedding, 1..depth = blocks, -1 = neck) is mask-pooled over each training
+    # instance, as the `semantic` projector pools a superpixel, and a linear head per key
+    # classifies it (cross-entropy, × `semantic_weight`). Keys: `category` (COCO category_id) or an
+    # annotation attribute (SynthRef: shape, color, size, texture). The heads are not saved: they
+    # only shape the encoder, which a small SAM trained from scratch would otherwise leave blind
+    # to what the objects are (docs/BENCHMARKS.md, session 8).
     semantic_labels: list[str] = field(default_factory=list)
     semantic_layer: int = -1
     semantic_weight: float = 1.0
@@ -124,25 +124,28 @@ def label_vocabulary(refer: ReferDataset, keys: list[str]) -> dict[str, list]:
     return {key: sorted(v, key=str) for key, v in values.items()}
 
 
-def label_maps(refer: ReferDataset, image_id: int, vocab: dict[str, list]) -> torch.Tensor:
-    """L×H×W int64 class maps of one image (original size), one per key of `vocab`: 0 where no
-    instance is, else 1 + the index of the instance's value (a later instance overwrites an
-    earlier one where they overlap); a value not in the vocabulary counts as background."""
-    masks = torch.from_numpy(refer.instance_masks(image_id)).bool()
-    out = torch.zeros(len(vocab), *masks.shape[-2:], dtype=torch.long)
-    for i, (key, values) in enumerate(vocab.items()):
-        index = {v: j + 1 for j, v in enumerate(values)}
-        for mask, value in zip(masks, refer.instance_labels(image_id, key)):
-            out[i][mask] = index.get(value, 0)
-    return out
+def instance_classes(refer: ReferDataset, image_id: int, vocab: dict[str, list]) -> torch.Tensor:
+    """L×N int64: per key of `vocab`, the class (index in the key's values) of every instance of
+    the image, in `instance_ann_ids` order."""
+    rows = []
+    for key, values in vocab.items():
+        index = {v: j for j, v in enumerate(values)}
+        try:
+            rows.append([index[v] for v in refer.instance_labels(image_id, key)])
+        except KeyError as err:
+            raise DataError(
+                f"image {image_id} of {refer.dataset} split {refer.split!r} has {key}={err} "
+                "that the training split never has; it has no class in the semantic head"
+            ) from None
+    return torch.tensor(rows, dtype=torch.long).view(len(vocab), -1)
 
 
 class SamInstanceDataset(Dataset):
     """Images of a split, each with up to ``instances`` of its non-empty instance masks, at random.
 
     Items: ``image`` 3×h×w uint8 (resized so the long side is ``img_size``, unpadded),
-    ``masks`` K×h×w float and, with a `vocab` (`label_vocabulary`), ``labels`` L×h×w int64 class
-    maps of every instance (`label_maps`), resized and flipped with the image.
+    ``masks`` K×h×w float and, with a `vocab` (`label_vocabulary`), ``labels`` L×K int64: the
+    class of each of those instances under each label key (`instance_classes`).
     """
 
     def __init__(
@@ -166,22 +169,24 @@ class SamInstanceDataset(Dataset):
         image = self.transform.apply_image(self.refer.load_image(image_id))
         image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
         masks = torch.from_numpy(self.refer.instance_masks(image_id)).bool()
-        masks = masks[masks.flatten(1).any(1)]
-        masks = masks[torch.randperm(masks.shape[0])[: self.instances]].float()
+        present = masks.flatten(1).any(1).nonzero()[:, 0]
+        chosen = present[torch.randperm(len(present))[: self.instances]]
+        masks = masks[chosen].float()
+        labels = (
+            instance_classes(self.refer, image_id, self.vocab)[:, chosen] if self.vocab else None
+        )
         if masks.shape[0] and masks.shape[-2:] != image.shape[-2:]:
             masks = F.interpolate(masks[None], image.shape[-2:], mode="nearest")[0]
-            masks = masks[masks.flatten(1).any(1)]
+            present = masks.flatten(1).any(1)
+            masks = masks[present]
+            labels = labels[:, present] if labels is not None else None
         item = {"image": image, "masks": masks}
         if self.vocab:
-            labels = label_maps(self.refer, image_id, self.vocab)
-            if labels.shape[-2:] != image.shape[-2:]:
-                labels = F.interpolate(labels[None].float(), image.shape[-2:], mode="nearest")
-                labels = labels[0].long()
             item["labels"] = labels
         if self.flip:
             dims = [d for d, p in zip((-1, -2), torch.rand(2)) if p < 0.5]
             if dims:
-                item = {key: value.flip(dims) for key, value in item.items()}
+                item["image"], item["masks"] = image.flip(dims), masks.flip(dims)
         return item
 
 
@@ -264,7 +269,7 @@ class SamTrainingModule(pl.LightningModule):
         except ConfigError as err:
             raise ConfigError(f"train_sam.semantic_layer: {err}") from None
         self.semantic_heads = nn.ModuleDict(
-            {key: nn.Conv2d(channels, len(values) + 1, 1) for key, values in self.vocab.items()}
+            {key: nn.Linear(channels, len(values)) for key, values in self.vocab.items()}
         )
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -274,30 +279,27 @@ class SamTrainingModule(pl.LightningModule):
         return encoder_states(self.sam.image_encoder, images, self.cfg.semantic_layer)
 
     def semantic_terms(
-        self, state: torch.Tensor, labels: list[torch.Tensor]
+        self, state: torch.Tensor, masks: list[torch.Tensor], labels: list[torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """Mean soft cross-entropy of the heads over the feature-grid cells inside the images, and
-        per key (right, counted): top-1 hits among the cells an instance covers most of."""
+        """Mean cross-entropy of the heads on the instances' mask-pooled states (as the
+        `semantic` projector pools a superpixel), and per key (right, counted) top-1 hits."""
         size = self.sam.image_encoder.img_size
         grid = state.shape[-2:]
-        maps = torch.stack(
-            [F.pad(m, (0, size - m.shape[-1], 0, size - m.shape[-2]), value=-1) for m in labels]
-        )
-        inside = F.adaptive_avg_pool2d((maps[:, :1] >= 0).float(), grid)[:, 0]
-        keep = inside > 0
+        counts = torch.tensor([len(m) for m in masks], device=state.device)
+        if not int(counts.sum()):
+            zero = state.sum() * 0
+            return zero, {key: (zero.long(), zero.long()) for key in self.vocab}
+        cover = torch.cat([F.pad(m, (0, size - m.shape[-1], 0, size - m.shape[-2])) for m in masks])
+        weights = F.adaptive_avg_pool2d(cover[:, None], grid).flatten(1)  # N×cells
+        feats = state.flatten(2).repeat_interleave(counts, dim=0)  # N×C×cells
+        pooled = (feats @ weights[..., None])[..., 0] / weights.sum(-1, keepdim=True).clamp(1e-9)
+        classes = torch.cat(labels, dim=1)
         losses, accuracy = [], {}
         for i, (key, head) in enumerate(self.semantic_heads.items()):
-            classes = len(self.vocab[key]) + 1
-            onehot = F.one_hot(maps[:, i].clamp(min=0), classes).permute(0, 3, 1, 2).float()
-            onehot = onehot * (maps[:, i : i + 1] >= 0)
-            target = F.adaptive_avg_pool2d(onehot, grid) / inside[:, None].clamp(min=1e-9)
-            logp = head(state).log_softmax(1)
-            losses.append(-(target * logp).sum(1)[keep].mean())
-            with torch.no_grad():
-                share, best = target.max(1)
-                objects = keep & (best > 0) & (share > 0.5)
-                hit = (logp.argmax(1) == best) & objects
-                accuracy[key] = (hit.sum(), objects.sum())
+            logits = head(pooled)
+            losses.append(F.cross_entropy(logits, classes[i]))
+            right = (logits.detach().argmax(-1) == classes[i]).sum()
+            accuracy[key] = (right, counts.sum())
         return torch.stack(losses).mean(), accuracy
 
     def sample_points(self, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,7 +316,7 @@ class SamTrainingModule(pl.LightningModule):
         embeddings, state = self.encode(images)
         semantic: dict[str, torch.Tensor] = {}
         if state is not None:
-            semantic_loss, accuracy = self.semantic_terms(state, batch["labels"])
+            semantic_loss, accuracy = self.semantic_terms(state, batch["masks"], batch["labels"])
             semantic = {
                 "semantic": semantic_loss,
                 **{f"acc_{k}": r / c.clamp(min=1) for k, (r, c) in accuracy.items()},
@@ -460,7 +462,7 @@ def evaluate_semantic(
     was_training = module.training
     module.eval()
     data = SamInstanceDataset(
-        refer, module.sam.image_encoder.img_size, 1, flip=False, vocab=module.vocab
+        refer, module.sam.image_encoder.img_size, 10**6, flip=False, vocab=module.vocab
     )
     right = dict.fromkeys(module.vocab, 0)
     counted = dict.fromkeys(module.vocab, 0)
@@ -468,7 +470,8 @@ def evaluate_semantic(
         item = data[index]
         image = module.sam.preprocess(item["image"].float().to(module.device))[None]
         _, state = module.encode(image)
-        _, accuracy = module.semantic_terms(state, [item["labels"].to(module.device)])
+        masks, labels = [item["masks"].to(module.device)], [item["labels"].to(module.device)]
+        _, accuracy = module.semantic_terms(state, masks, labels)
         for key, (r, c) in accuracy.items():
             right[key] += int(r)
             counted[key] += int(c)

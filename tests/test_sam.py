@@ -272,26 +272,36 @@ def test_encoder_states_match_sam_encoder_forward():
         encoder_states(enc, x, 5)
 
 
-def test_label_maps_follow_the_instances(synthref_root):
+def test_instance_classes_follow_the_annotations(synthref_root):
     refer = ReferDataset(synthref_root, "synthref", "unc", "train")
     vocab = sam_training.label_vocabulary(refer, ["category", "shape", "color"])
     assert vocab["category"] == sorted(vocab["category"]) and len(vocab["color"]) > 1
     image_id = refer.image_ids[0]
-    maps = sam_training.label_maps(refer, image_id, vocab)
-    masks = refer.instance_masks(image_id).astype(bool)
-    assert maps.shape == (3, *masks.shape[1:])
-    assert ((maps > 0).numpy() == masks.any(0)).all()  # background exactly where no instance is
-    # the last instance is drawn last: its pixels carry its own category and colour
-    last = refer.instance_ann_ids(image_id)[-1]
-    ann = refer._instances.annotations[last]
-    pixels = maps[:, torch.from_numpy(masks[-1])]
-    assert (pixels[0] == vocab["category"].index(ann["category_id"]) + 1).all()
-    assert (pixels[2] == vocab["color"].index(ann["attributes"]["color"]) + 1).all()
-    # SynthRef's category is its shape: one shape class per category class
-    for c in maps[0].unique():
-        assert len(maps[1][maps[0] == c].unique()) == 1
+    classes = sam_training.instance_classes(refer, image_id, vocab)
+    anns = [refer._instances.annotations[i] for i in refer.instance_ann_ids(image_id)]
+    assert classes.shape == (3, len(anns))
+    for j, ann in enumerate(anns):
+        assert vocab["category"][classes[0, j]] == ann["category_id"]
+        assert vocab["shape"][classes[1, j]] == ann["attributes"]["shape"]
+        assert vocab["color"][classes[2, j]] == ann["attributes"]["color"]
+    # the dataset's labels belong to the instances it picked, whatever the flip
+    data = SamInstanceDataset(refer, 64, instances=3, flip=True, vocab=vocab)
+    masks = torch.from_numpy(refer.instance_masks(image_id)).float()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        item = data[0]
+        for k, mask in enumerate(item["masks"]):
+            match = [
+                j
+                for j in range(len(masks))
+                if any(torch.equal(mask, masks[j].flip(d)) for d in ([], [-1], [-2], [-2, -1]))
+            ]
+            assert classes[:, match[0]].tolist() == item["labels"][:, k].tolist()
     with pytest.raises(DataError, match="attributes.weight"):
         refer.instance_labels(image_id, "weight")
+    val = ReferDataset(synthref_root, "synthref", "unc", "val")
+    with pytest.raises(DataError, match="never has"):
+        sam_training.instance_classes(val, val.image_ids[0], {"color": ["no-such-colour"]})
 
 
 def test_semantic_heads_learn_and_are_not_saved(synthref_root, tmp_path):
@@ -308,7 +318,7 @@ def test_semantic_heads_learn_and_are_not_saved(synthref_root, tmp_path):
     module = SamTrainingModule(cfg, vocab)
     data = SamInstanceDataset(refer, 64, instances=4, flip=True, vocab=vocab)
     item = data[0]
-    assert item["labels"].shape == (2, 64, 64) and item["labels"].dtype == torch.long
+    assert item["labels"].shape == (2, len(item["masks"])) and item["labels"].dtype == torch.long
     batch = collate_instances([data[i] for i in range(8)])
     opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
     with torch.no_grad():
