@@ -96,6 +96,8 @@ def test_bad_input_exits_nonzero_with_message(tmp_path, capsys):
         key = "train_sam.threads" if cmd == "train-sam" else "trainer.threads"
         assert main([cmd, f"{key}=0"]) == 2
         assert f"{key}=0 must be a positive thread count" in capsys.readouterr().err
+    assert main(["train-sam", "train_sam.semantic_weight=-1"]) == 2
+    assert "train_sam.semantic_weight=-1.0 must not be negative" in capsys.readouterr().err
 
 
 def test_show_config(capsys):
