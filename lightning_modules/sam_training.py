@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from datamodules.errors import ConfigError, DataError
+from datamodules.errors import ConfigError
 from datamodules.refer import ReferDataset
 from lightning_modules.sam_builder import (
     SamConfig,
@@ -115,8 +115,8 @@ def check_config(cfg: TrainSamConfig) -> None:
 
 
 def label_vocabulary(refer: ReferDataset, keys: list[str]) -> dict[str, list]:
-    """Per label key, its sorted values over every instance of the split's images (class i + 1;
-    class 0 is the background)."""
+    """Per label key, its sorted values over every instance of the split's images (value i is
+    class i of the key's head)."""
     values: dict[str, set] = {key: set() for key in keys}
     for image_id in refer.image_ids:
         for key in keys:
@@ -124,19 +124,16 @@ def label_vocabulary(refer: ReferDataset, keys: list[str]) -> dict[str, list]:
     return {key: sorted(v, key=str) for key, v in values.items()}
 
 
+UNKNOWN_CLASS = -100  # a value the training split never has: ignored by the loss and accuracy
+
+
 def instance_classes(refer: ReferDataset, image_id: int, vocab: dict[str, list]) -> torch.Tensor:
     """L×N int64: per key of `vocab`, the class (index in the key's values) of every instance of
-    the image, in `instance_ann_ids` order."""
+    the image, in `instance_ann_ids` order; `UNKNOWN_CLASS` for a value not in the vocabulary."""
     rows = []
     for key, values in vocab.items():
         index = {v: j for j, v in enumerate(values)}
-        try:
-            rows.append([index[v] for v in refer.instance_labels(image_id, key)])
-        except KeyError as err:
-            raise DataError(
-                f"image {image_id} of {refer.dataset} split {refer.split!r} has {key}={err} "
-                "that the training split never has; it has no class in the semantic head"
-            ) from None
+        rows.append([index.get(v, UNKNOWN_CLASS) for v in refer.instance_labels(image_id, key)])
     return torch.tensor(rows, dtype=torch.long).view(len(vocab), -1)
 
 
@@ -296,10 +293,13 @@ class SamTrainingModule(pl.LightningModule):
         classes = torch.cat(labels, dim=1)
         losses, accuracy = [], {}
         for i, (key, head) in enumerate(self.semantic_heads.items()):
-            logits = head(pooled)
-            losses.append(F.cross_entropy(logits, classes[i]))
-            right = (logits.detach().argmax(-1) == classes[i]).sum()
-            accuracy[key] = (right, counts.sum())
+            logits, known = head(pooled), classes[i] != UNKNOWN_CLASS
+            if known.any():
+                losses.append(F.cross_entropy(logits, classes[i], ignore_index=UNKNOWN_CLASS))
+            right = ((logits.detach().argmax(-1) == classes[i]) & known).sum()
+            accuracy[key] = (right, known.sum())
+        if not losses:
+            return state.sum() * 0, accuracy
         return torch.stack(losses).mean(), accuracy
 
     def sample_points(self, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,8 +457,8 @@ def evaluate_single_point(
 def evaluate_semantic(
     module: SamTrainingModule, refer: ReferDataset, limit: int | None = None
 ) -> dict[str, float]:
-    """Per label key, the semantic head's top-1 accuracy on the feature-grid cells of the first
-    `limit` images that an instance covers most of (class 0, background, excluded)."""
+    """Per label key, the semantic head's top-1 accuracy over every instance of the first `limit`
+    images (values the training split never has are left out)."""
     was_training = module.training
     module.eval()
     data = SamInstanceDataset(

@@ -300,8 +300,8 @@ def test_instance_classes_follow_the_annotations(synthref_root):
     with pytest.raises(DataError, match="attributes.weight"):
         refer.instance_labels(image_id, "weight")
     val = ReferDataset(synthref_root, "synthref", "unc", "val")
-    with pytest.raises(DataError, match="never has"):
-        sam_training.instance_classes(val, val.image_ids[0], {"color": ["no-such-colour"]})
+    unknown = sam_training.instance_classes(val, val.image_ids[0], {"color": ["no-such-colour"]})
+    assert (unknown == sam_training.UNKNOWN_CLASS).all()
 
 
 def test_semantic_heads_learn_and_are_not_saved(synthref_root, tmp_path):
@@ -331,6 +331,12 @@ def test_semantic_heads_learn_and_are_not_saved(synthref_root, tmp_path):
         out = module.losses(batch)
     assert out["semantic"].item() < 0.7 * before
     assert 0.0 <= float(out["acc_color"]) <= 1.0
+    # values the training split never has are left out of the loss and the accuracy
+    state = torch.randn(1, 32, 8, 8)
+    masks = [torch.ones(2, 64, 64)]
+    unknown = [torch.full((2, 2), sam_training.UNKNOWN_CLASS)]
+    loss, counted = module.semantic_terms(state, masks, unknown)
+    assert float(loss) == 0.0 and all(int(c) == 0 for _, c in counted.values())
     # end to end: the val accuracy is recorded, the checkpoint is plain SAM
     run = TrainSamConfig(
         root=str(synthref_root),
