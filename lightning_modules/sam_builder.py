@@ -247,13 +247,14 @@ def sam_from_config(cfg: SamConfig) -> Sam:
     return build_sam(cfg)
 
 
-def encoder_depth_layer(encoder: ImageEncoderViT, layer: int) -> int:
+def encoder_depth_layer(encoder: ImageEncoderViT, layer: int, key: str = "layer") -> int:
     """`layer` in SAM-encoder state numbering — 0 = patch embedding (+ position), 1..depth = block
-    outputs, depth + 1 (or −1) = neck — as a non-negative index; ConfigError if out of range."""
+    outputs, depth + 1 (or −1) = neck — as a non-negative index; a ConfigError naming the config
+    entry `key` if out of range."""
     depth = len(encoder.blocks)
     if not -depth - 2 <= layer <= depth + 1:
         raise ConfigError(
-            f"layer {layer} is outside -{depth + 2}..{depth + 1} for a SAM encoder with {depth} "
+            f"{key}={layer} is outside -{depth + 2}..{depth + 1} for a SAM encoder with {depth} "
             "blocks (0 = patch embedding, 1..depth = blocks, -1 = neck output)"
         )
     return layer % (depth + 2)
@@ -280,8 +281,9 @@ def encoder_states(
     return out, (out if layer == depth + 1 else kept.permute(0, 3, 1, 2))
 
 
-def encoder_state_channels(encoder: ImageEncoderViT, layer: int) -> int:
-    """Channels of the encoder state at `layer` (numbered as in `encoder_states`)."""
-    if encoder_depth_layer(encoder, layer) == len(encoder.blocks) + 1:
+def encoder_state_channels(encoder: ImageEncoderViT, layer: int, key: str = "layer") -> int:
+    """Channels of the encoder state at `layer` (numbered as in `encoder_states`); out of range is
+    a ConfigError naming `key`."""
+    if encoder_depth_layer(encoder, layer, key) == len(encoder.blocks) + 1:
         return encoder.neck[0].out_channels
     return encoder.patch_embed.proj.out_channels

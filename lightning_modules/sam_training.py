@@ -261,10 +261,9 @@ class SamTrainingModule(pl.LightningModule):
         self.sam.train()
         # semantic pre-training: one linear classifier per label key on the chosen encoder state
         self.vocab = vocab or {}
-        try:
-            channels = encoder_state_channels(self.sam.image_encoder, cfg.semantic_layer)
-        except ConfigError as err:
-            raise ConfigError(f"train_sam.semantic_layer: {err}") from None
+        channels = encoder_state_channels(
+            self.sam.image_encoder, cfg.semantic_layer, "train_sam.semantic_layer"
+        )
         self.semantic_heads = nn.ModuleDict(
             {key: nn.Linear(channels, len(values)) for key, values in self.vocab.items()}
         )

@@ -178,14 +178,9 @@ class VisionTower(nn.Module):
         cfg = self.cfg
         if cfg.name == "sam_encoder":
             patch = self.model.patch_embed.proj.kernel_size[0]
-            depth = len(self.model.blocks)
-            if not -depth - 2 <= cfg.feature_layer <= depth + 1:
-                raise ConfigError(
-                    f"vision_tower.feature_layer={cfg.feature_layer} is outside "
-                    f"-{depth + 2}..{depth + 1} for a SAM encoder with {depth} blocks "
-                    "(0 = patch embedding, 1..depth = blocks, -1 = neck output)"
-                )
-            self.out_channels = encoder_state_channels(self.model, cfg.feature_layer)
+            self.out_channels = encoder_state_channels(
+                self.model, cfg.feature_layer, "vision_tower.feature_layer"
+            )
             if self.model.img_size != cfg.image_size:
                 raise ConfigError(
                     f"vision_tower.image_size={cfg.image_size} but the SAM encoder in "
