@@ -191,6 +191,15 @@ def test_evaluation_scores_a_ground_truth_model_one(synthref_root, monkeypatch):
     assert result["miou"] == 1.0 and result["images"] == 3 and result["instances"] > 3
 
 
+def _fit(module: SamTrainingModule, batch: dict, steps: int = 15) -> None:
+    """`steps` AdamW steps (lr 3e-3) of the module's total loss on one batch."""
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        module.losses(batch)["loss"].backward()
+        opt.step()
+
+
 def test_training_steps_decrease_the_loss(synthref_root):
     torch.manual_seed(0)
     cfg = TrainSamConfig(root=str(synthref_root), sam=TINY, instances_per_image=8, lr=3e-3)
@@ -198,14 +207,10 @@ def test_training_steps_decrease_the_loss(synthref_root):
     refer = ReferDataset(synthref_root, "synthref", "unc", "train")
     data = SamInstanceDataset(refer, 64, instances=8, flip=False)
     batch = collate_instances([data[i] for i in range(8)])
-    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
     torch.manual_seed(1)
     with torch.no_grad():
         before = module.losses(batch)["loss"].item()
-    for _ in range(15):
-        opt.zero_grad()
-        module.losses(batch)["loss"].backward()
-        opt.step()
+    _fit(module, batch)
     torch.manual_seed(1)
     with torch.no_grad():
         assert module.losses(batch)["loss"].item() < 0.7 * before
@@ -320,13 +325,9 @@ def test_semantic_heads_learn_and_are_not_saved(synthref_root, tmp_path):
     item = data[0]
     assert item["labels"].shape == (2, len(item["masks"])) and item["labels"].dtype == torch.long
     batch = collate_instances([data[i] for i in range(8)])
-    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
     with torch.no_grad():
         before = module.losses(batch)["semantic"].item()
-    for _ in range(15):
-        opt.zero_grad()
-        module.losses(batch)["loss"].backward()
-        opt.step()
+    _fit(module, batch)
     with torch.no_grad():
         out = module.losses(batch)
     assert out["semantic"].item() < 0.7 * before
