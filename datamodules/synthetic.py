@@ -38,6 +38,7 @@ from datamodules.synthref.writer import (
     SynthConfig,
     generate_synthref,
     synthref_exists,
+    synthref_mismatch,
     synthref_paths,
 )
 
@@ -70,6 +71,7 @@ __all__ = [
     "sample_scene",
     "scene_from_annotations",
     "synthref_exists",
+    "synthref_mismatch",
     "synthref_paths",
     "synthref_vocabulary",
 ]

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 GROUNDING_KEYS = ("llm", "tokens")
 POINTER_EVAL = ("soft", "argmax")
+TEACHER_POINTERS = ("mixture", "sample")
 
 
 @dataclass
@@ -51,12 +52,21 @@ class GroundingConfig:
     # training: the pointer points at the target's tokens (its target weights) instead of the
     # predicted ones, so the mask decoder learns to read a location while the scores still learn
     teacher_forcing: bool = False
+    # what the teacher-forced pointer carries: `mixture` = the target weights' mean of the
+    # target tokens' point codes (a blur over the target when it spans many tokens, as `mlp`
+    # patches do), `sample` = one target token drawn ∝ its weight, a single point like the
+    # `argmax` pointer gives at evaluation
+    teacher_pointer: str = "mixture"
     # evaluation: point with the softmax weights (`soft`) or at the top-scored token (`argmax`)
     pointer_eval: str = "soft"
     # bidirectional encoder layers over [SEG] query, visual states and sentence states before
     # scoring (0 = score the LLM's states directly)
     fusion_layers: int = 0
     fusion_heads: int = 4
+    # add a learned map of SAM's Fourier code of each token's footprint centroid to its key, so
+    # the scores can prefer places ("the leftmost ...") even when the tokens carry no position
+    # of their own (`mlp` patches; `semantic` tokens have SSPE)
+    key_geometry: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -107,11 +117,13 @@ class GroundingHead(nn.Module):
         pointer: bool,
         fusion_layers: int = 0,
         fusion_heads: int = 4,
+        key_geometry: bool = False,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.query = nn.Linear(hidden, dim)
         self.key = nn.Linear(hidden, dim, bias=False)  # a key bias would cancel in the softmax
+        self.geometry = nn.Linear(pe_dim, dim, bias=False) if key_geometry else None
         self.point = nn.Linear(pe_dim, hidden) if pointer else None
         self.fusion = nn.ModuleList(FusionLayer(hidden, fusion_heads) for _ in range(fusion_layers))
         if fusion_layers:
@@ -137,10 +149,18 @@ class GroundingHead(nn.Module):
             x = layer(x, keep)
         return x[:, 0], x[:, 1 : 1 + n]
 
-    def logits(self, seg_hidden: Tensor, vis_hidden: Tensor, mask: Tensor) -> Tensor:
-        """B×N scores of the B×N×D visual states against the B×D [SEG] states; −inf on padding."""
+    def logits(
+        self, seg_hidden: Tensor, vis_hidden: Tensor, mask: Tensor, codes: Tensor | None = None
+    ) -> Tensor:
+        """B×N scores of the B×N×D visual states against the B×D [SEG] states; −inf on padding.
+        With `key_geometry`, `codes` (B×N×C point codes of the tokens' centroids) join the keys."""
         q = self.query(seg_hidden)
-        scores = (self.key(vis_hidden) @ q[..., None]).squeeze(-1) / math.sqrt(self.dim)
+        keys = self.key(vis_hidden)
+        if self.geometry is not None:
+            if codes is None:
+                raise ValueError("key_geometry needs the tokens' point codes")
+            keys = keys + self.geometry(codes)
+        scores = (keys @ q[..., None]).squeeze(-1) / math.sqrt(self.dim)
         return scores.masked_fill(~mask, -math.inf)
 
     def point_code(self, weights: Tensor, codes: Tensor) -> Tensor:
@@ -179,6 +199,15 @@ def target_distribution(regions: Tensor, cells: Tensor) -> tuple[Tensor, Tensor]
     score = overlap.square() / area.clamp(min=1e-12)
     total = score.sum(-1, keepdim=True)
     return score / total.clamp(min=1e-12), total[:, 0] > 0
+
+
+def sample_targets(target: Tensor) -> Tensor:
+    """One-hot B×N rows: one token per sample drawn with probability ∝ its target weight (rows
+    of `target` sum to 1, or are all zero — those give an all-zero row)."""
+    mass = target.float().clamp(min=0)
+    has = mass.sum(-1, keepdim=True) > 0
+    pick = torch.multinomial(torch.where(has, mass, torch.ones_like(mass)), 1)[:, 0]
+    return F.one_hot(pick, target.shape[-1]).to(target.dtype) * has.to(target.dtype)
 
 
 def grounding_loss(logits: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:

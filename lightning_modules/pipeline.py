@@ -27,6 +27,24 @@ def _require_data(cfg: DictConfig) -> None:
     if not folder.is_dir():
         hint = " Generate it with `svp synth`." if cfg.data.dataset == "synthref" else ""
         raise DataError(f"data set folder {folder} is missing.{hint}")
+    warn_synthref_mismatch(cfg)
+
+
+def warn_synthref_mismatch(cfg: DictConfig) -> None:
+    """Warn when the SynthRef that `data.root` holds was generated with other `synth.*` settings
+    (other split sizes or seed): numbers would not be comparable with the documented ones."""
+    if cfg.data.dataset != "synthref" or "synth" not in cfg:
+        return
+    from datamodules.synthetic import SynthConfig, synthref_mismatch
+
+    synth: SynthConfig = OmegaConf.to_object(cfg.synth)
+    if Path(synth.root).resolve() != Path(cfg.data.root).resolve():
+        return
+    problem = synthref_mismatch(synth)
+    if problem:
+        import warnings
+
+        warnings.warn(problem, stacklevel=2)
 
 
 # ------------------------------------------------------------------------------ train-sam
@@ -208,7 +226,12 @@ DEMO_OVERRIDES = (
 
 def run_demo(cfg: DictConfig) -> None:
     """SynthRef → small SAM → superpixels → short projector grid → report (cached stages skip)."""
-    from datamodules.synthetic import SynthConfig, generate_synthref, synthref_exists
+    from datamodules.synthetic import (
+        SynthConfig,
+        generate_synthref,
+        synthref_exists,
+        synthref_mismatch,
+    )
 
     t0 = time.time()
     stages: list[tuple[str, float]] = []
@@ -220,6 +243,9 @@ def run_demo(cfg: DictConfig) -> None:
     s = time.time()
     synth: SynthConfig = OmegaConf.to_object(cfg.synth)
     if synthref_exists(synth.root):
+        problem = synthref_mismatch(synth)
+        if problem:
+            raise DataError(problem)
         print(f"[demo] SynthRef found under {synth.root}; skipping generation")
     else:
         generate_synthref(synth, progress=True)

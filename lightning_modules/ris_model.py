@@ -20,10 +20,12 @@ from datamodules.errors import ConfigError
 from lightning_modules.grounding import (
     GROUNDING_KEYS,
     POINTER_EVAL,
+    TEACHER_POINTERS,
     GroundingHead,
     grid_targets,
     grounding_loss,
     pointing_hits,
+    sample_targets,
     target_distribution,
     token_centroids,
 )
@@ -155,6 +157,11 @@ class RISModel(pl.LightningModule):
                 f"grounding.pointer_eval must be one of {', '.join(POINTER_EVAL)}, "
                 f"got {g.pointer_eval!r}."
             )
+        if g.teacher_pointer not in TEACHER_POINTERS:
+            raise ConfigError(
+                f"grounding.teacher_pointer must be one of {', '.join(TEACHER_POINTERS)}, "
+                f"got {g.teacher_pointer!r}."
+            )
         if g.fusion_layers < 0 or g.fusion_heads < 1 or hidden % g.fusion_heads:
             raise ConfigError(
                 f"grounding.fusion_layers must be ≥ 0 and grounding.fusion_heads must divide the "
@@ -170,6 +177,7 @@ class RISModel(pl.LightningModule):
                     bool(g.pointer),
                     fusion_layers=int(g.fusion_layers),
                     fusion_heads=int(g.fusion_heads),
+                    key_geometry=bool(g.key_geometry),
                 )
             else:
                 rank_zero_warn(
@@ -329,8 +337,11 @@ class RISModel(pl.LightningModule):
         if len(self.grounding.fusion):
             text, text_mask = self._text_states(hidden, image_pos, seg_pos, proj.mask.sum(1))
             query, vis = self.grounding.fuse(seg_hidden, vis, proj.mask, text, text_mask)
-        logits = self.grounding.logits(query, vis, proj.mask)
         regions, (h, w) = proj.regions.float(), (int(s) for s in feats.shape[-2:])
+        codes = None
+        if self.grounding.point is not None or self.grounding.geometry is not None:
+            codes = self._point_codes(regions, (h, w), batch["images"])
+        logits = self.grounding.logits(query, vis, proj.mask, codes)
         extra = {"ground_logits": logits}
         if "masks" in batch:
             cells = grid_targets(batch["masks"], h, w, logits.device)
@@ -340,10 +351,12 @@ class RISModel(pl.LightningModule):
         weights = logits.softmax(-1)
         if self.training and g.teacher_forcing and "ground_target" in extra:
             valid = extra["ground_valid"][:, None]
-            weights = torch.where(valid, extra["ground_target"], weights)
+            teacher = extra["ground_target"]
+            if g.teacher_pointer == "sample":
+                teacher = sample_targets(teacher)
+            weights = torch.where(valid, teacher, weights)
         elif not self.training and g.pointer_eval == "argmax":
             weights = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(weights.dtype)
-        codes = self._point_codes(regions, (h, w), batch["images"])
         return seg_hidden + self.grounding.point_code(weights, codes), extra
 
     @staticmethod

@@ -80,6 +80,10 @@ def test_synth_then_stats(tmp_path, capsys):
     assert main(args) == 2  # exists: refuses without --overwrite
     assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--skip-existing"]) == 0
+    # other settings than the existing data set's: not skipped silently
+    other = [a if a != "6" else "7" for a in args]
+    assert main([*other, "--skip-existing"]) == 2
+    assert "train 6 (config: 7)" in capsys.readouterr().err
     assert main(["data", "stats", "--root", str(root), "--dataset", "synthref"]) == 0
     out = capsys.readouterr().out
     for split in ("train", "val", "testA", "testB"):

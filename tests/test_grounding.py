@@ -9,6 +9,7 @@ from lightning_modules.grounding import (
     grid_targets,
     grounding_loss,
     pointing_hits,
+    sample_targets,
     target_distribution,
     token_centroids,
 )
@@ -113,3 +114,31 @@ def test_pointing_hits_by_hand():
     # tie for the top weight counts; the second sample points at a lesser target token; the third
     # has no target
     assert pointing_hits(logits, target, valid).tolist() == [True, False, False]
+
+
+def test_sampled_teacher_points_are_one_target_token_drawn_by_weight():
+    target = torch.tensor([[0.0, 0.25, 0.75, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    torch.manual_seed(0)
+    draws = torch.stack([sample_targets(target) for _ in range(4000)])
+    assert ((draws == 0) | (draws == 1)).all()
+    assert (draws[:, 0].sum(-1) == 1).all() and (draws[:, 1] == 0).all()  # no target: no point
+    assert (draws[:, 0, [0, 3]] == 0).all()  # never a token without target weight
+    share = draws[:, 0, 2].mean().item()
+    assert abs(share - 0.75) < 0.03, share
+
+
+def test_key_geometry_lets_the_scores_prefer_a_place():
+    """With key_geometry the keys see each token's point code: tokens with identical states but
+    different places score differently; without it they tie."""
+    torch.manual_seed(0)
+    vis = torch.randn(1, 1, 8).expand(1, 3, 8)  # three identical visual states
+    codes = torch.randn(1, 3, 6)  # at three different places
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    plain = GroundingHead(hidden=8, dim=4, pe_dim=6, pointer=False)
+    tied = plain.logits(torch.randn(1, 8), vis, mask)
+    torch.testing.assert_close(tied, tied[:, :1].expand(1, 3))
+    placed = GroundingHead(hidden=8, dim=4, pe_dim=6, pointer=False, key_geometry=True)
+    scores = placed.logits(torch.randn(1, 8), vis, mask, codes)
+    assert scores.std() > 1e-3
+    scores.sum().backward()
+    assert placed.geometry.weight.grad.abs().sum() > 0

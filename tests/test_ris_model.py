@@ -52,6 +52,7 @@ GROUNDING_ON = (
     "grounding.pointer_eval=soft",
 )
 FUSION_ON = (*GROUNDING_ON, "grounding.fusion_layers=2")
+GEOMETRY_ON = (*GROUNDING_ON, "grounding.key_geometry=true")
 
 
 def _wake_fusion(model) -> None:
@@ -64,7 +65,9 @@ def _wake_fusion(model) -> None:
 
 
 @pytest.mark.parametrize(
-    "extra", [LISA_ONLY, GROUNDING_ON, FUSION_ON], ids=["lisa", "grounding", "fusion"]
+    "extra",
+    [LISA_ONLY, GROUNDING_ON, FUSION_ON, GEOMETRY_ON],
+    ids=["lisa", "grounding", "fusion", "geometry"],
 )
 def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
     torch.manual_seed(0)
@@ -113,7 +116,9 @@ def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, t
     assert [m.shape for m in out["mask_logits"]] == [m.shape for m in batch["masks"]]
 
 
-@pytest.mark.parametrize("extra", [GROUNDING_ON, FUSION_ON], ids=["grounding", "fusion"])
+@pytest.mark.parametrize(
+    "extra", [GROUNDING_ON, FUSION_ON, GEOMETRY_ON], ids=["grounding", "fusion", "geometry"]
+)
 def test_grounding_head_trains_and_points(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
     """The grounding loss is in the total, every head parameter gets a gradient, and the pointer
     changes the prompt: with it, the mask depends on the grounding scores."""
@@ -140,9 +145,17 @@ def test_grounding_head_trains_and_points(extra, synthref_root, tiny_sam_checkpo
     assert not torch.allclose(moved["mask_logits"][0], out["mask_logits"][0].detach())
 
 
-def test_teacher_forcing_points_at_the_target(synthref_root, tiny_sam_checkpoint, tmp_path):
+@pytest.mark.parametrize("teacher", ["mixture", "sample"])
+def test_teacher_forcing_points_at_the_target(
+    teacher, synthref_root, tiny_sam_checkpoint, tmp_path
+):
     """In training with teacher forcing the prompt uses the target's tokens, not the scores."""
-    extra = (*GROUNDING_ON, "grounding.teacher_forcing=true", "grounding.pointer_eval=argmax")
+    extra = (
+        *GROUNDING_ON,
+        "grounding.teacher_forcing=true",
+        f"grounding.teacher_pointer={teacher}",
+        "grounding.pointer_eval=argmax",
+    )
     cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=extra)
     tok = tokenizer_for(cfg)
     torch.manual_seed(0)
@@ -150,8 +163,10 @@ def test_teacher_forcing_points_at_the_target(synthref_root, tiny_sam_checkpoint
     collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
     batch = collate(_items(synthref_root, [2, 5, 3]))
     with torch.no_grad():
+        torch.manual_seed(1)  # `sample` draws the target token: the same draws for both passes
         before = model(batch)
         model.grounding.query.bias.add_(torch.randn_like(model.grounding.query.bias) * 5)
+        torch.manual_seed(1)
         after = model(batch)
         assert not torch.allclose(before["ground_logits"], after["ground_logits"])
         for a, b in zip(before["mask_logits"], after["mask_logits"]):
@@ -174,12 +189,21 @@ def test_grounding_head_is_off_for_footprintless_tokens(
     assert model.grounding is None
 
 
-@pytest.mark.parametrize("bad", ["grounding.fusion_layers=-1", "grounding.fusion_heads=3"])
-def test_bad_fusion_settings_are_config_errors(bad, synthref_root, tiny_sam_checkpoint, tmp_path):
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        ("grounding.fusion_layers=-1", "fusion"),
+        ("grounding.fusion_heads=3", "fusion"),
+        ("grounding.teacher_pointer=nearest", "grounding.teacher_pointer"),
+    ],
+)
+def test_bad_grounding_settings_are_config_errors(
+    bad, key, synthref_root, tiny_sam_checkpoint, tmp_path
+):
     from datamodules.errors import ConfigError
 
     cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=(*FUSION_ON, bad))
-    with pytest.raises(ConfigError, match="fusion"):
+    with pytest.raises(ConfigError, match=key):
         RISModel(cfg, tokenizer_for(cfg))
 
 

@@ -33,6 +33,7 @@ from datamodules.synthetic import (
     sample_scene,
     scene_from_annotations,
     synthref_exists,
+    synthref_mismatch,
     synthref_vocabulary,
 )
 
@@ -300,3 +301,16 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         generate_synthref(cfg, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mismatch_names_what_differs_and_how_to_regenerate(tmp_path):
+    cfg = SynthConfig(
+        root=str(tmp_path), train_images=2, val_images=1, testA_images=1, testB_images=1
+    )
+    generate_synthref(cfg, progress=False)
+    assert synthref_mismatch(cfg) is None
+    cfg.train_images, cfg.seed = 3, 4
+    problem = synthref_mismatch(cfg)
+    assert "train 2 (config: 3)" in problem and "seed 0 (config: 4)" in problem
+    assert "--overwrite" in problem and "--train-images 3" in problem and "--seed 4" in problem
+    assert "val" not in problem.split("settings:")[1].split(".")[0]  # only what differs is named

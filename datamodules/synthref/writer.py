@@ -75,6 +75,31 @@ def synthref_exists(root: str | Path) -> bool:
     return paths["refs"].is_file() and paths["instances"].is_file() and paths["images"].is_dir()
 
 
+def synthref_mismatch(cfg: SynthConfig) -> str | None:
+    """None when the SynthRef under `cfg.root` was generated with `cfg`'s seed, image size and
+    split sizes; otherwise a message that names what differs and how to regenerate."""
+    paths = synthref_paths(cfg.root)
+    try:
+        info = json.loads(paths["instances"].read_text(encoding="utf-8")).get("info", {})
+    except (OSError, ValueError) as err:
+        return f"cannot read {paths['instances']} ({err})"
+    wanted = {"seed": cfg.seed, "image_size": cfg.image_size, **cfg.split_images()}
+    found = {"seed": info.get("seed"), "image_size": info.get("image_size"), **info.get("images", {})}
+    differ = [f"{k} {found.get(k)} (config: {v})" for k, v in wanted.items() if found.get(k) != v]
+    if not differ:
+        return None
+    flags = " ".join(
+        f"--{k.replace('_', '-')}{'' if k in ('seed', 'image_size') else '-images'} {v}"
+        for k, v in wanted.items()
+    )
+    return (
+        f"SynthRef under {paths['annotations']} was generated with other settings: "
+        f"{', '.join(differ)}. Regenerate it with `svp synth --root {cfg.root} --overwrite {flags}`"
+        " (caches keyed on the old images are then recomputed), or set data.root / synth.root to "
+        "another folder."
+    )
+
+
 def _segmentation(obj) -> list | dict:
     """Unoccluded objects keep their polygon; occluded ones the compressed RLE of what shows."""
     if not obj.occluded:
