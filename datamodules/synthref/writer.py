@@ -84,7 +84,11 @@ def synthref_mismatch(cfg: SynthConfig) -> str | None:
     except (OSError, ValueError) as err:
         return f"cannot read {paths['instances']} ({err})"
     wanted = {"seed": cfg.seed, "image_size": cfg.image_size, **cfg.split_images()}
-    found = {"seed": info.get("seed"), "image_size": info.get("image_size"), **info.get("images", {})}
+    found = {
+        "seed": info.get("seed"),
+        "image_size": info.get("image_size"),
+        **info.get("images", {}),
+    }
     differ = [f"{k} {found.get(k)} (config: {v})" for k, v in wanted.items() if found.get(k) != v]
     if not differ:
         return None
