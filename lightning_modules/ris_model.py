@@ -186,16 +186,19 @@ class RISModel(pl.LightningModule):
                 )
 
         disk = Path(cfg.cache.root) / "features" if cfg.cache.features else None
+        # features are stored per image id: the key names the encoder *and* the data set, so two
+        # data roots whose ids overlap (a regenerated or larger SynthRef) never share entries
+        images = _data_key(cfg.data)
         self.tower_features = FrozenEncoder(
             self.tower,
-            f"tower-{self.tower.config_hash()}",
+            f"tower-{self.tower.config_hash()}-{images}",
             self.tower.preprocess,
             memory=bool(cfg.vision.frozen),
             disk_dir=disk if cfg.vision.frozen else None,
         )
         self.sam_features = FrozenEncoder(
             self.sam.image_encoder,
-            f"sam-{_file_key(cfg.mask_decoder.checkpoint)}",
+            f"sam-{_file_key(cfg.mask_decoder.checkpoint)}-{images}",
             self._sam_preprocess,
             disk_dir=disk,
         )
@@ -545,6 +548,12 @@ def _file_key(path: str) -> str:
     except OSError:
         ident = str(path)
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def _data_key(data) -> str:
+    """Identity of the images behind the image ids: the data set's annotation file (path, size,
+    mtime), so another root or a regenerated data set gets other feature-cache entries."""
+    return _file_key(str(Path(data.root) / data.dataset / "instances.json"))[:8]
 
 
 def _image_samples(batch: dict, preds: list[torch.Tensor], count: int) -> list[dict]:

@@ -351,3 +351,25 @@ def test_frozen_features_cached_on_disk(synthref_root, tiny_sam_checkpoint, tmp_
         second = model(batch)
     for a, b in zip(first["mask_logits"], second["mask_logits"]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_feature_cache_keys_name_the_data_set(synthref_root, tiny_sam_checkpoint, tmp_path):
+    """Feature entries are stored per image id: a second data root with the same ids but other
+    images (here: another seed) must not read the first one's features."""
+    from conftest import TINY_SYNTH
+
+    from datamodules.synthetic import SynthConfig, generate_synthref
+
+    other = tmp_path / "other"
+    generate_synthref(SynthConfig(root=str(other), seed=1, **TINY_SYNTH), progress=False)
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, "mlp")
+    tok = tokenizer_for(cfg)
+    first = RISModel(cfg, tok)
+    again = RISModel(cfg, tok)
+    moved = RISModel(
+        _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, "mlp", [f"data.root={other}"]), tok
+    )
+    assert first.tower_features.key == again.tower_features.key
+    assert first.sam_features.key == again.sam_features.key
+    assert moved.tower_features.key != first.tower_features.key
+    assert moved.sam_features.key != first.sam_features.key
