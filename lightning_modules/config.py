@@ -126,6 +126,9 @@ def _make_run_schema() -> type:
         ("ckpt_path", str | None, field(default=None)),
         ("groups", dict[str, str], field(default_factory=dict)),
         ("synth", comps["synth"], field(default_factory=comps["synth"])),
+        # the small SAM's own image pool (`svp train-sam` generates it when train_sam.root points
+        # at it and it is missing); the tiny preset gives it 3× SynthRef's training images
+        ("sam_synth", comps["synth"], field(default_factory=comps["synth"])),
         ("data", DataConfig, field(default_factory=DataConfig)),
         ("cache", CacheConfig, field(default_factory=CacheConfig)),
         ("superpixels", Any, field(default=None)),

@@ -53,7 +53,6 @@ def run_train_sam(cfg: DictConfig, force: bool = False, progress: bool = True) -
 
     ts: TrainSamConfig = OmegaConf.to_object(cfg.train_sam)
     check_config(ts)  # config errors first, before looking for data or an existing SAM
-    _require_data(cfg)
     out = Path(ts.out)
     metrics_file = out.parent / "metrics.json"
     if out.is_file() and not force:
@@ -62,7 +61,9 @@ def run_train_sam(cfg: DictConfig, force: bool = False, progress: bool = True) -
             f"small SAM exists at {out} (val single-point mIoU "
             f"{previous.get('miou', float('nan')):.3f}); skipping (use --force to retrain)."
         )
+        _warn_sam_settings(previous.get("config"), ts, out)
         return previous
+    _require_sam_data(cfg, ts)
     result = train_sam(ts, progress=progress)
     if result:
         print(
@@ -72,6 +73,55 @@ def run_train_sam(cfg: DictConfig, force: bool = False, progress: bool = True) -
         for key, accuracy in result.get("semantic_accuracy", {}).items():
             print(f"  semantic head `{key}`: val top-1 {accuracy:.3f} over the instances")
     return result
+
+
+def _require_sam_data(cfg: DictConfig, ts) -> None:
+    """The SAM's training images: its own SynthRef pool (`sam_synth`), generated here when
+    `train_sam.root` points at it and it is missing, else the data set at `train_sam.root`."""
+    root = Path(ts.root)
+    pool = cfg.get("sam_synth")
+    own_pool = pool is not None and Path(pool.root).resolve() == root.resolve()
+    if ts.dataset == "synthref" and own_pool:
+        from datamodules.synthetic import (
+            SynthConfig,
+            generate_synthref,
+            synthref_exists,
+            synthref_mismatch,
+        )
+
+        synth: SynthConfig = OmegaConf.to_object(pool)
+        if not synthref_exists(synth.root):
+            print(
+                f"generating the small SAM's image pool under {synth.root} "
+                f"({synth.train_images} training images, sam_synth.*)"
+            )
+            generate_synthref(synth, progress=True)
+        elif problem := synthref_mismatch(synth):
+            raise DataError(problem.replace("data.root / synth.root", "sam_synth.root"))
+        return
+    folder = root / ts.dataset
+    if not folder.is_dir():
+        hint = " Generate it with `svp synth`." if ts.dataset == "synthref" else ""
+        raise DataError(f"train_sam.root: data set folder {folder} is missing.{hint}")
+
+
+def _warn_sam_settings(saved: dict | None, ts, out: Path) -> None:
+    """Warn when the SAM kept at `out` was trained with other `train_sam.*` settings."""
+    from dataclasses import asdict
+
+    if not saved:
+        return
+    wanted = {k: v for k, v in asdict(ts).items() if k != "out"}
+    differ = [k for k, v in wanted.items() if k in saved and saved[k] != v]
+    if differ:
+        import warnings
+
+        shown = ", ".join(f"train_sam.{k}={saved[k]!r} (config: {wanted[k]!r})" for k in differ)
+        warnings.warn(
+            f"the small SAM at {out} was trained with other settings: {shown}. Retrain it with "
+            "`svp train-sam --force`, or set train_sam.out to another file.",
+            stacklevel=2,
+        )
 
 
 # ------------------------------------------------------------------------------ superpixels
@@ -217,6 +267,8 @@ DEMO_OVERRIDES = (
     "train_sam.max_steps=200",
     "train_sam.val_limit=150",
     "train_sam.out=${runs_root}/demo/sam/sam_small.pth",
+    # the demo's SAM trains on SynthRef itself, not on the preset's 3× image pool (`sam_synth`)
+    "train_sam.root=${data.root}",
     "superpixels.points_per_side=8",
     # the 200-step SAM's stability scores are lower: at 0.5 it keeps ~2 masks per image (ASA 0.89),
     # at 0.2 ~13 (ASA 0.94), measured on 30 val images

@@ -126,3 +126,41 @@ def test_quality_overrides_after_sources_are_overrides(synthref_root, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| grid | 2 |" in out and "slic" not in out
+
+
+def test_train_sam_generates_its_image_pool_and_names_changed_settings(tmp_path, capsys):
+    """`svp train-sam` builds the preset's SAM image pool (`sam_synth`) when it is missing,
+    refuses a pool made with other settings, and warns when a kept SAM had other settings."""
+    import json
+
+    import pytest
+
+    data, sam = tmp_path / "data", tmp_path / "runs" / "sam" / "sam_small.pth"
+    args = [
+        "train-sam",
+        f"data.root={data}",
+        f"train_sam.out={sam}",
+        "sam_synth.train_images=3",
+        "sam_synth.val_images=2",
+        "sam_synth.testA_images=1",
+        "sam_synth.testB_images=1",
+        "sam_synth.image_size=64",
+        "train_sam.sam.img_size=64",
+        "train_sam.sam.encoder_depth=2",
+        "train_sam.sam.encoder_global_attn_indexes=[1]",
+        "train_sam.max_steps=2",
+        "train_sam.val_limit=2",
+    ]
+    assert main(args) == 0
+    pool = data / "sam_pool"
+    info = json.loads((pool / "synthref" / "instances.json").read_text())["info"]
+    assert info["images"] == {"train": 3, "val": 2, "testA": 1, "testB": 1}
+    saved = json.loads((sam.parent / "metrics.json").read_text())["config"]
+    assert saved["root"] == str(pool)
+    assert not (data / "synthref").exists()  # the RIS data set is not the SAM's business
+    with pytest.warns(UserWarning, match=r"train_sam.max_steps=2 \(config: 3\)"):
+        assert main([*args, "train_sam.max_steps=3"]) == 0  # kept, with a warning
+    capsys.readouterr()
+    assert main([*args, "sam_synth.train_images=4", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "train 3 (config: 4)" in err and "sam_synth.root" in err
