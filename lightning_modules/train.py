@@ -60,6 +60,9 @@ def _check_inputs(cfg: DictConfig) -> None:
         raise DataError(
             f"data set folder {Path(cfg.data.root) / cfg.data.dataset} is missing.{hint}"
         )
+    from lightning_modules.pipeline import warn_synthref_mismatch
+
+    warn_synthref_mismatch(cfg)
 
 
 def _trainer(

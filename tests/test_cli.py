@@ -164,3 +164,22 @@ def test_train_sam_generates_its_image_pool_and_names_changed_settings(tmp_path,
     assert main([*args, "sam_synth.train_images=4", "--force"]) == 2
     err = capsys.readouterr().err
     assert "train 3 (config: 4)" in err and "sam_synth.root" in err
+
+
+def test_training_on_a_synthref_made_with_other_settings_warns(synthref_root):
+    """`svp train` on data whose split sizes differ from `synth.*` says so (numbers would not be
+    comparable with the documented ones) but goes on."""
+    import pytest
+
+    from lightning_modules.config import load_config
+    from lightning_modules.pipeline import warn_synthref_mismatch
+
+    with pytest.warns(UserWarning, match=r"train 24 \(config: 600\)"):
+        warn_synthref_mismatch(load_config([f"data.root={synthref_root}"]))
+    same = [f"data.root={synthref_root}", "synth.train_images=24", "synth.val_images=8"]
+    same += ["synth.testA_images=6", "synth.testB_images=6", "synth.image_size=64"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_synthref_mismatch(load_config(same))
