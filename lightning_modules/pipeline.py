@@ -96,8 +96,8 @@ def _require_sam_data(cfg: DictConfig, ts) -> None:
                 f"({synth.train_images} training images, sam_synth.*)"
             )
             generate_synthref(synth, progress=True)
-        elif problem := synthref_mismatch(synth):
-            raise DataError(problem.replace("data.root / synth.root", "sam_synth.root"))
+        elif problem := synthref_mismatch(synth, root_keys="sam_synth.root"):
+            raise DataError(problem)
         return
     folder = root / ts.dataset
     if not folder.is_dir():

@@ -75,9 +75,10 @@ def synthref_exists(root: str | Path) -> bool:
     return paths["refs"].is_file() and paths["instances"].is_file() and paths["images"].is_dir()
 
 
-def synthref_mismatch(cfg: SynthConfig) -> str | None:
+def synthref_mismatch(cfg: SynthConfig, root_keys: str = "data.root / synth.root") -> str | None:
     """None when the SynthRef under `cfg.root` was generated with `cfg`'s seed, image size and
-    split sizes; otherwise a message that names what differs and how to regenerate."""
+    split sizes; otherwise a message that names what differs and how to regenerate (or which
+    config keys, `root_keys`, point elsewhere)."""
     paths = synthref_paths(cfg.root)
     try:
         info = json.loads(paths["instances"].read_text(encoding="utf-8")).get("info", {})
@@ -99,8 +100,8 @@ def synthref_mismatch(cfg: SynthConfig) -> str | None:
     return (
         f"SynthRef under {paths['annotations']} was generated with other settings: "
         f"{', '.join(differ)}. Regenerate it with `svp synth --root {cfg.root} --overwrite {flags}`"
-        " (caches keyed on the old images are then recomputed), or set data.root / synth.root to "
-        "another folder."
+        " (caches keyed on the old images are then recomputed), or set "
+        f"{root_keys} to another folder."
     )
 
 
