@@ -36,6 +36,7 @@ from datamodules.synthref.scene import (
 from datamodules.synthref.writer import (
     SYNTHREF_SPLITS,
     SynthConfig,
+    ensure_synthref,
     generate_synthref,
     synthref_exists,
     synthref_mismatch,
@@ -61,6 +62,7 @@ __all__ = [
     "compose_scene",
     "decode_segmentation",
     "describes_uniquely",
+    "ensure_synthref",
     "expression_kind",
     "expression_text",
     "expression_truths",

@@ -9,7 +9,7 @@ import textwrap
 from collections.abc import Callable
 from typing import Any
 
-from datamodules.errors import DataError, SVPError
+from datamodules.errors import SVPError
 
 OVERRIDES_HELP = textwrap.dedent(
     """\
@@ -86,20 +86,15 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, schema: type) -> Non
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from datamodules.synthetic import (
-        SynthConfig,
-        generate_synthref,
-        synthref_exists,
-        synthref_mismatch,
-    )
+    from datamodules.synthetic import SynthConfig, ensure_synthref, generate_synthref
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)}
     cfg = SynthConfig(**values)
-    if args.skip_existing and synthref_exists(cfg.root) and not args.overwrite:
-        problem = synthref_mismatch(cfg)
-        if problem:
-            raise DataError(problem)
-        print(f"SynthRef already exists under {cfg.root}/synthref; skipping (use --overwrite).")
+    if args.skip_existing and not args.overwrite:
+        if ensure_synthref(cfg, root_keys="--root", progress=not args.quiet):
+            print(f"SynthRef written to {cfg.root}/synthref")
+        else:
+            print(f"SynthRef already exists under {cfg.root}/synthref; skipping (use --overwrite).")
         return 0
     out = generate_synthref(cfg, progress=not args.quiet, overwrite=args.overwrite)
     print(f"SynthRef written to {out}")

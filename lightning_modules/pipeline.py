@@ -22,11 +22,17 @@ def _refer(cfg: DictConfig, split: str):
     return ReferDataset(cfg.data.root, cfg.data.dataset, cfg.data.split_by, split)
 
 
-def _require_data(cfg: DictConfig) -> None:
-    folder = Path(cfg.data.root) / cfg.data.dataset
+def _require_folder(root: str, dataset: str, where: str = "") -> None:
+    """DataError unless `<root>/<dataset>` exists; `where` names the config key it came from."""
+    folder = Path(root) / dataset
     if not folder.is_dir():
-        hint = " Generate it with `svp synth`." if cfg.data.dataset == "synthref" else ""
-        raise DataError(f"data set folder {folder} is missing.{hint}")
+        hint = " Generate it with `svp synth`." if dataset == "synthref" else ""
+        raise DataError(f"{where}data set folder {folder} is missing.{hint}")
+
+
+def require_data(cfg: DictConfig) -> None:
+    """The RIS data set must exist; a SynthRef made with other `synth.*` settings is warned of."""
+    _require_folder(cfg.data.root, cfg.data.dataset)
     warn_synthref_mismatch(cfg)
 
 
@@ -78,31 +84,19 @@ def run_train_sam(cfg: DictConfig, force: bool = False, progress: bool = True) -
 def _require_sam_data(cfg: DictConfig, ts) -> None:
     """The SAM's training images: its own SynthRef pool (`sam_synth`), generated here when
     `train_sam.root` points at it and it is missing, else the data set at `train_sam.root`."""
-    root = Path(ts.root)
     pool = cfg.get("sam_synth")
-    own_pool = pool is not None and Path(pool.root).resolve() == root.resolve()
+    own_pool = pool is not None and Path(pool.root).resolve() == Path(ts.root).resolve()
     if ts.dataset == "synthref" and own_pool:
-        from datamodules.synthetic import (
-            SynthConfig,
-            generate_synthref,
-            synthref_exists,
-            synthref_mismatch,
-        )
+        from datamodules.synthetic import SynthConfig, ensure_synthref
 
         synth: SynthConfig = OmegaConf.to_object(pool)
-        if not synthref_exists(synth.root):
+        if ensure_synthref(synth, root_keys="sam_synth.root"):
             print(
-                f"generating the small SAM's image pool under {synth.root} "
+                f"generated the small SAM's image pool under {synth.root} "
                 f"({synth.train_images} training images, sam_synth.*)"
             )
-            generate_synthref(synth, progress=True)
-        elif problem := synthref_mismatch(synth, root_keys="sam_synth.root"):
-            raise DataError(problem)
         return
-    folder = root / ts.dataset
-    if not folder.is_dir():
-        hint = " Generate it with `svp synth`." if ts.dataset == "synthref" else ""
-        raise DataError(f"train_sam.root: data set folder {folder} is missing.{hint}")
+    _require_folder(ts.root, ts.dataset, "train_sam.root: ")
 
 
 def _warn_sam_settings(saved: dict | None, ts, out: Path) -> None:
@@ -139,7 +133,7 @@ def run_precompute(cfg: DictConfig, splits: list[str] | None = None, progress: b
 
     # SAM inference on another thread count can flip a mask at the stability threshold
     use_threads(cfg.trainer.threads, "trainer.threads")
-    _require_data(cfg)
+    require_data(cfg)
     datasets = [_refer(cfg, s) for s in cache_splits(cfg, splits)]
     t = cfg.trainer
     cache_dir, summary = precompute_superpixels(
@@ -180,7 +174,7 @@ def run_superpixel_quality(
 ) -> str:
     from datamodules.superpixels.quality import evaluate_sources, format_quality_table
 
-    _require_data(cfg)
+    require_data(cfg)
     rows = evaluate_sources(_refer(cfg, split), _sources_for(cfg, sources), limit, progress=True)
     table = format_quality_table(rows)
     print(table)
@@ -192,7 +186,7 @@ def run_superpixel_show(
 ) -> list[Path]:
     from datamodules.superpixels.show import write_overlays
 
-    _require_data(cfg)
+    require_data(cfg)
     ds = _refer(cfg, split)
     name = cfg.superpixels.name
     src = _sources_for(cfg, [name])[name]
@@ -278,12 +272,7 @@ DEMO_OVERRIDES = (
 
 def run_demo(cfg: DictConfig) -> None:
     """SynthRef → small SAM → superpixels → short projector grid → report (cached stages skip)."""
-    from datamodules.synthetic import (
-        SynthConfig,
-        generate_synthref,
-        synthref_exists,
-        synthref_mismatch,
-    )
+    from datamodules.synthetic import SynthConfig, ensure_synthref
 
     t0 = time.time()
     stages: list[tuple[str, float]] = []
@@ -294,13 +283,8 @@ def run_demo(cfg: DictConfig) -> None:
 
     s = time.time()
     synth: SynthConfig = OmegaConf.to_object(cfg.synth)
-    if synthref_exists(synth.root):
-        problem = synthref_mismatch(synth)
-        if problem:
-            raise DataError(problem)
+    if not ensure_synthref(synth):
         print(f"[demo] SynthRef found under {synth.root}; skipping generation")
-    else:
-        generate_synthref(synth, progress=True)
     from datamodules.refer import stats_table
 
     print(stats_table(cfg.data.root, cfg.data.dataset, cfg.data.split_by))

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.errors import ConfigError, DataError
+from datamodules.errors import ConfigError
 from lightning_modules.config_compose import save_config
 from lightning_modules.threads import use_threads
 
@@ -55,14 +55,9 @@ def _check_inputs(cfg: DictConfig) -> None:
             f"mask_decoder.checkpoint={ckpt} does not exist. Train the small SAM first with "
             "`svp train-sam` (or point mask_decoder.checkpoint at a SAM checkpoint)."
         )
-    if not (Path(cfg.data.root) / cfg.data.dataset).is_dir():
-        hint = " Generate it with `svp synth`." if cfg.data.dataset == "synthref" else ""
-        raise DataError(
-            f"data set folder {Path(cfg.data.root) / cfg.data.dataset} is missing.{hint}"
-        )
-    from lightning_modules.pipeline import warn_synthref_mismatch
+    from lightning_modules.pipeline import require_data
 
-    warn_synthref_mismatch(cfg)
+    require_data(cfg)
 
 
 def _trainer(

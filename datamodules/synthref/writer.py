@@ -105,6 +105,20 @@ def synthref_mismatch(cfg: SynthConfig, root_keys: str = "data.root / synth.root
     )
 
 
+def ensure_synthref(
+    cfg: SynthConfig, root_keys: str = "data.root / synth.root", progress: bool = True
+) -> bool:
+    """Generate SynthRef under `cfg.root` when it is missing (True); keep an existing one made
+    with `cfg`'s settings (False); a DataError naming what differs (`synthref_mismatch`) if not."""
+    if not synthref_exists(cfg.root):
+        generate_synthref(cfg, progress=progress)
+        return True
+    problem = synthref_mismatch(cfg, root_keys)
+    if problem:
+        raise DataError(problem)
+    return False
+
+
 def _segmentation(obj) -> list | dict:
     """Unoccluded objects keep their polygon; occluded ones the compressed RLE of what shows."""
     if not obj.occluded:
