@@ -59,6 +59,11 @@ class GroundingConfig:
     teacher_pointer: str = "mixture"
     # evaluation: point with the softmax weights (`soft`) or at the top-scored token (`argmax`)
     pointer_eval: str = "soft"
+    # evaluation with `argmax`: pick the token with the most softmax mass within a Gaussian of
+    # this width (a fraction of the feature grid's side) around its footprint centroid, instead
+    # of the single top-scored token — one patch of an object that spans twenty is a noisy
+    # vote; 0 = the top-scored token
+    pointer_smooth: float = 0.0
     # bidirectional encoder layers over [SEG] query, visual states and sentence states before
     # scoring (0 = score the LLM's states directly)
     fusion_layers: int = 0
@@ -124,6 +129,10 @@ class GroundingHead(nn.Module):
         self.query = nn.Linear(hidden, dim)
         self.key = nn.Linear(hidden, dim, bias=False)  # a key bias would cancel in the softmax
         self.geometry = nn.Linear(pe_dim, dim, bias=False) if key_geometry else None
+        if self.geometry is not None:
+            # starts at zero: the scores first learn from what the tokens show, and place joins
+            # as it helps (a random map let some seeds settle on a "usual place"; session 10)
+            nn.init.zeros_(self.geometry.weight)
         self.point = nn.Linear(pe_dim, hidden) if pointer else None
         self.fusion = nn.ModuleList(FusionLayer(hidden, fusion_heads) for _ in range(fusion_layers))
         if fusion_layers:
@@ -199,6 +208,17 @@ def target_distribution(regions: Tensor, cells: Tensor) -> tuple[Tensor, Tensor]
     score = overlap.square() / area.clamp(min=1e-12)
     total = score.sum(-1, keepdim=True)
     return score / total.clamp(min=1e-12), total[:, 0] > 0
+
+
+def smoothed_scores(logits: Tensor, centres: Tensor, sigma: float) -> Tensor:
+    """B×N log of the softmax mass near each token: Σ_j p_j · exp(−|c_i − c_j|² / 2σ²) over the
+    tokens j (centroids `centres`, B×N×2 in [0, 1]); −inf on padding. σ = 0 gives `logits`."""
+    if sigma <= 0:
+        return logits
+    probs = logits.float().softmax(-1)
+    dist2 = torch.cdist(centres.float(), centres.float()).square()
+    mass = (torch.exp(-dist2 / (2 * sigma**2)) @ probs[..., None]).squeeze(-1)
+    return mass.clamp(min=1e-30).log().masked_fill(torch.isinf(logits), -math.inf)
 
 
 def sample_targets(target: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ from lightning_modules.grounding import (
     grounding_loss,
     pointing_hits,
     sample_targets,
+    smoothed_scores,
     target_distribution,
     token_centroids,
 )
@@ -161,6 +162,11 @@ class RISModel(pl.LightningModule):
             raise ConfigError(
                 f"grounding.teacher_pointer must be one of {', '.join(TEACHER_POINTERS)}, "
                 f"got {g.teacher_pointer!r}."
+            )
+        if not g.pointer_smooth >= 0:
+            raise ConfigError(
+                "grounding.pointer_smooth is a width (a fraction of the feature grid's side) and "
+                f"must be ≥ 0 (0 = point at the top-scored token); got {g.pointer_smooth}."
             )
         if g.fusion_layers < 0 or g.fusion_heads < 1 or hidden % g.fusion_heads:
             raise ConfigError(
@@ -359,7 +365,11 @@ class RISModel(pl.LightningModule):
                 teacher = sample_targets(teacher)
             weights = torch.where(valid, teacher, weights)
         elif not self.training and g.pointer_eval == "argmax":
-            weights = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(weights.dtype)
+            if g.pointer_smooth > 0:
+                centres = token_centroids(regions, h, w)
+                extra["point_scores"] = smoothed_scores(logits, centres, g.pointer_smooth)
+            pick = extra.get("point_scores", logits).argmax(-1)
+            weights = F.one_hot(pick, logits.shape[-1]).to(weights.dtype)
         return seg_hidden + self.grounding.point_code(weights, codes), extra
 
     @staticmethod
@@ -453,7 +463,8 @@ class RISModel(pl.LightningModule):
         self._tokens[idx].extend(out["num_tokens"].tolist())
         self._seq_len[idx].extend(out["seq_len"].tolist())
         if "ground_target" in out:
-            hits = pointing_hits(out["ground_logits"], out["ground_target"], out["ground_valid"])
+            scores = out.get("point_scores", out["ground_logits"])  # what the pointer picked by
+            hits = pointing_hits(scores, out["ground_target"], out["ground_valid"])
             self._hits[idx].extend(hits.long().tolist())
             for metric, keep in ((self.ciou_hit[idx], hits), (self.ciou_miss[idx], ~hits)):
                 pick = keep.nonzero()[:, 0].tolist()

@@ -10,6 +10,7 @@ from lightning_modules.grounding import (
     grounding_loss,
     pointing_hits,
     sample_targets,
+    smoothed_scores,
     target_distribution,
     token_centroids,
 )
@@ -138,7 +139,40 @@ def test_key_geometry_lets_the_scores_prefer_a_place():
     tied = plain.logits(torch.randn(1, 8), vis, mask)
     torch.testing.assert_close(tied, tied[:, :1].expand(1, 3))
     placed = GroundingHead(hidden=8, dim=4, pe_dim=6, pointer=False, key_geometry=True)
-    scores = placed.logits(torch.randn(1, 8), vis, mask, codes)
-    assert scores.std() > 1e-3
-    scores.sum().backward()
+    seg = torch.randn(1, 8)
+    fresh = placed.logits(seg, vis, mask, codes)
+    # the map starts at zero (the plain head's scores), yet learns: the place gets a gradient
+    torch.testing.assert_close(fresh, fresh[:, :1].expand(1, 3))
+    (fresh * torch.tensor([[1.0, 0.0, -1.0]])).sum().backward()
     assert placed.geometry.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        placed.geometry.weight.normal_()
+    assert placed.logits(seg, vis, mask, codes).std() > 1e-3
+
+
+def test_smoothed_pointer_votes_for_the_crowd():
+    """On a 4×4 grid one lone token scores highest, but a 2×2 block elsewhere holds more of the
+    softmax mass: the top-scored token is the lone one, the smoothed pointer picks the block."""
+    h = w = 4
+    centres = token_centroids(torch.eye(h * w)[None], h, w)
+    logits = torch.zeros(1, h * w)
+    logits[0, 0] = 3.0  # the lone corner token
+    for cell in (10, 11, 14, 15):  # the 2×2 block in the far corner
+        logits[0, cell] = 2.5
+    assert logits.argmax(-1).item() == 0
+    assert smoothed_scores(logits, centres, 0.0) is logits  # 0 = off
+    picked = smoothed_scores(logits, centres, 0.2).argmax(-1).item()
+    assert picked in (10, 11, 14, 15)
+    # a narrow kernel is the plain top token again
+    assert smoothed_scores(logits, centres, 0.01).argmax(-1).item() == 0
+
+
+def test_smoothed_pointer_ignores_padding():
+    centres = torch.rand(1, 5, 2)
+    logits = torch.randn(1, 5)
+    padded = torch.cat([logits, torch.full((1, 2), -math.inf)], 1)
+    far = torch.cat([centres, torch.rand(1, 2, 2)], 1)
+    alone = smoothed_scores(logits, centres, 0.15)
+    both = smoothed_scores(padded, far, 0.15)
+    torch.testing.assert_close(alone, both[:, :5])
+    assert torch.isinf(both[:, 5:]).all()

@@ -53,6 +53,7 @@ GROUNDING_ON = (
 )
 FUSION_ON = (*GROUNDING_ON, "grounding.fusion_layers=2")
 GEOMETRY_ON = (*GROUNDING_ON, "grounding.key_geometry=true")
+SMOOTH_ON = (*GROUNDING_ON, "grounding.pointer_eval=argmax", "grounding.pointer_smooth=0.3")
 
 
 def _wake_fusion(model) -> None:
@@ -66,8 +67,8 @@ def _wake_fusion(model) -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [LISA_ONLY, GROUNDING_ON, FUSION_ON, GEOMETRY_ON],
-    ids=["lisa", "grounding", "fusion", "geometry"],
+    [LISA_ONLY, GROUNDING_ON, FUSION_ON, GEOMETRY_ON, SMOOTH_ON],
+    ids=["lisa", "grounding", "fusion", "geometry", "smooth"],
 )
 def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
     torch.manual_seed(0)
@@ -95,6 +96,11 @@ def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path)
             alone["ground_logits"][0], batched["ground_logits"][0, :4], atol=1e-5, rtol=0
         )
         assert torch.isinf(batched["ground_logits"][0, 4:]).all()
+    if extra == SMOOTH_ON:  # the smoothed pointer scores ignore padding too
+        torch.testing.assert_close(
+            alone["point_scores"][0], batched["point_scores"][0, :4], atol=1e-5, rtol=0
+        )
+        assert torch.isinf(batched["point_scores"][0, 4:]).all()
     gt = torch.from_numpy(items[0]["mask"]).float()
     for fn in (F.binary_cross_entropy_with_logits, dice_loss):
         torch.testing.assert_close(
@@ -195,6 +201,7 @@ def test_grounding_head_is_off_for_footprintless_tokens(
         ("grounding.fusion_layers=-1", "fusion"),
         ("grounding.fusion_heads=3", "fusion"),
         ("grounding.teacher_pointer=nearest", "grounding.teacher_pointer"),
+        ("grounding.pointer_smooth=-0.1", "grounding.pointer_smooth"),
     ],
 )
 def test_bad_grounding_settings_are_config_errors(
