@@ -39,6 +39,7 @@ from torch import Tensor, nn
 GROUNDING_KEYS = ("llm", "tokens")
 POINTER_EVAL = ("soft", "argmax")
 TEACHER_POINTERS = ("mixture", "sample")
+GROUNDING_LOSSES = ("soft_ce", "mass")
 
 
 @dataclass
@@ -64,6 +65,12 @@ class GroundingConfig:
     # of the single top-scored token — one patch of an object that spans twenty is a noisy
     # vote; 0 = the top-scored token
     pointer_smooth: float = 0.0
+    # the grounding loss: `soft_ce` = cross-entropy towards the target weights (spread the scores
+    # over every target token as the weights say), `mass` = −log of the softmax mass on the
+    # target (each token counted by its weight relative to the target's best token), which
+    # lets the scores pick any part of the target — for `mlp`, whose target spans ≈ 20 patches,
+    # the few patches that show it best
+    loss: str = "soft_ce"
     # bidirectional encoder layers over [SEG] query, visual states and sentence states before
     # scoring (0 = score the LLM's states directly)
     fusion_layers: int = 0
@@ -230,11 +237,21 @@ def sample_targets(target: Tensor) -> Tensor:
     return F.one_hot(pick, target.shape[-1]).to(target.dtype) * has.to(target.dtype)
 
 
-def grounding_loss(logits: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Soft cross-entropy over the samples with a target, and top-1 accuracy (the highest-scored
-    token is a highest-weighted target token)."""
-    logp = logits.float().log_softmax(-1).masked_fill(torch.isinf(logits), 0.0)
-    per_sample = -(target * logp).sum(-1)
+def grounding_loss(
+    logits: Tensor, target: Tensor, valid: Tensor, kind: str = "soft_ce"
+) -> tuple[Tensor, Tensor]:
+    """Mean over the samples with a target of the `soft_ce` or `mass` loss (GroundingConfig.loss),
+    and top-1 accuracy (the highest-scored token is a highest-weighted target token)."""
+    logp = logits.float().log_softmax(-1)
+    if kind == "mass":
+        rel = target.float() / target.float().amax(-1, keepdim=True).clamp(min=1e-12)
+        # samples without a target count every token (a finite, unused value: no NaN gradient)
+        rel = torch.where(valid[:, None], rel, torch.ones_like(rel))
+        per_sample = -torch.logsumexp(logp + rel.log(), -1)
+    elif kind == "soft_ce":
+        per_sample = -(target * logp.masked_fill(torch.isinf(logits), 0.0)).sum(-1)
+    else:
+        raise ValueError(f"unknown grounding loss {kind!r}; one of {', '.join(GROUNDING_LOSSES)}")
     n = valid.sum().clamp(min=1)
     loss = (per_sample * valid).sum() / n
     return loss, pointing_hits(logits, target, valid).sum() / n

@@ -19,6 +19,7 @@ from torch import nn
 from datamodules.errors import ConfigError
 from lightning_modules.grounding import (
     GROUNDING_KEYS,
+    GROUNDING_LOSSES,
     POINTER_EVAL,
     TEACHER_POINTERS,
     GroundingHead,
@@ -157,6 +158,10 @@ class RISModel(pl.LightningModule):
             raise ConfigError(
                 f"grounding.pointer_eval must be one of {', '.join(POINTER_EVAL)}, "
                 f"got {g.pointer_eval!r}."
+            )
+        if g.loss not in GROUNDING_LOSSES:
+            raise ConfigError(
+                f"grounding.loss must be one of {', '.join(GROUNDING_LOSSES)}, got {g.loss!r}."
             )
         if g.teacher_pointer not in TEACHER_POINTERS:
             raise ConfigError(
@@ -394,10 +399,11 @@ class RISModel(pl.LightningModule):
         frame = torch.tensor([[w / size, h / size] for h, w in scale], device=xy.device)
         return self.sam.prompt_encoder.pe_layer._pe_encoding(xy * frame[:, None, :])
 
-    @staticmethod
-    def grounding_terms(out: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def grounding_terms(self, out: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Grounding loss and top-1 pointing accuracy of a forward output with a grounding head."""
-        return grounding_loss(out["ground_logits"], out["ground_target"], out["ground_valid"])
+        return grounding_loss(
+            out["ground_logits"], out["ground_target"], out["ground_valid"], self.cfg.grounding.loss
+        )
 
     def decode(
         self, prompts: torch.Tensor, images: list, image_ids: torch.Tensor, views=None

@@ -176,3 +176,40 @@ def test_smoothed_pointer_ignores_padding():
     both = smoothed_scores(padded, far, 0.15)
     torch.testing.assert_close(alone, both[:, :5])
     assert torch.isinf(both[:, 5:]).all()
+
+
+def test_mass_loss_rewards_any_part_of_the_target():
+    """`mass` is −log of the softmax mass on the target (weights relative to the best target
+    token); `soft_ce` wants the scores spread as the weights say."""
+    target = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    valid = torch.tensor([True])
+    flat = torch.zeros(1, 4)
+    mass, _ = grounding_loss(flat, target, valid, "mass")
+    soft, _ = grounding_loss(flat, target, valid, "soft_ce")
+    torch.testing.assert_close(mass, torch.tensor(math.log(2.0)))
+    torch.testing.assert_close(soft, torch.tensor(math.log(4.0)))
+    # all the mass on one of the two target tokens: `mass` is satisfied, `soft_ce` is not
+    one = torch.tensor([[30.0, 0.0, 0.0, 0.0]])
+    assert grounding_loss(one, target, valid, "mass")[0] < 1e-6
+    assert grounding_loss(one, target, valid, "soft_ce")[0] > 10
+    # a partly covered token counts by its weight relative to the best target token
+    partial = torch.tensor([[0.8, 0.2, 0.0, 0.0]])
+    off = torch.tensor([[0.0, 30.0, 0.0, 0.0]])
+    torch.testing.assert_close(
+        grounding_loss(off, partial, valid, "mass")[0],
+        torch.tensor(-math.log(0.25)),
+        atol=1e-4,
+        rtol=0,
+    )
+
+
+def test_mass_loss_skips_samples_without_target_and_padding():
+    logits = torch.tensor([[1.0, 2.0, -math.inf], [0.5, 0.1, 0.3]], requires_grad=True)
+    target = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    valid = torch.tensor([True, False])
+    loss, _ = grounding_loss(logits, target, valid, "mass")
+    expected = -torch.log_softmax(torch.tensor([1.0, 2.0]), -1)[1]
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    assert (logits.grad[1] == 0).all()

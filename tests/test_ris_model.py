@@ -202,6 +202,7 @@ def test_grounding_head_is_off_for_footprintless_tokens(
         ("grounding.fusion_heads=3", "fusion"),
         ("grounding.teacher_pointer=nearest", "grounding.teacher_pointer"),
         ("grounding.pointer_smooth=-0.1", "grounding.pointer_smooth"),
+        ("grounding.loss=focal", "grounding.loss"),
     ],
 )
 def test_bad_grounding_settings_are_config_errors(
