@@ -63,6 +63,32 @@ class LLMConfig:
     full_finetune: bool = True
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+    # how the visual tokens attend to each other: `causal` (LLaVA/LISA: each sees the ones before
+    # it) or `bidirectional` (each sees every visual token of its image, as Gemma 3's and
+    # PaliGemma's image tokens do; the text stays causal) — a patch then sees the rest of its
+    # object, not only the patches above and to its left
+    visual_attention: str = "causal"
+
+
+VISUAL_ATTENTION = ("causal", "bidirectional")
+
+
+def prefix_attention_mask(
+    attn: torch.Tensor, image_pos: torch.Tensor, num_vis: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive B×1×L×L mask (0 = attend, dtype's min = not): causal over the valid positions of
+    `attn` (B×L, right padding), plus every visual token of a sample attending to all of its
+    visual tokens [image_pos, image_pos + num_vis). Padded rows keep position 0, so no row is
+    empty."""
+    length = attn.shape[1]
+    p = torch.arange(length, device=attn.device)
+    causal = p[None, :, None] >= p[None, None, :]  # 1×L(query)×L(key)
+    keys = attn.bool()[:, None, :]
+    vis = (p[None] >= image_pos[:, None]) & (p[None] < (image_pos + num_vis)[:, None])  # B×L
+    block = vis[:, :, None] & vis[:, None, :]
+    allowed = (causal & keys) | block
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=attn.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def build_tokenizer(

@@ -120,7 +120,12 @@ class RISModel(pl.LightningModule):
         cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
         self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
         self.cfg = cfg
-        from lightning_modules.llm import build_llm, image_token_id, seg_token_id
+        from lightning_modules.llm import (
+            VISUAL_ATTENTION,
+            build_llm,
+            image_token_id,
+            seg_token_id,
+        )
         from lightning_modules.projectors import build_projector
         from lightning_modules.sam_builder import load_sam
         from lightning_modules.vision_tower import build_vision_tower
@@ -142,6 +147,11 @@ class RISModel(pl.LightningModule):
             p.requires_grad_(bool(cfg.mask_decoder.train_decoder))
 
         self.tower = build_vision_tower(OmegaConf.to_object(cfg.vision))
+        if cfg.llm.visual_attention not in VISUAL_ATTENTION:
+            raise ConfigError(
+                f"llm.visual_attention must be one of {', '.join(VISUAL_ATTENTION)}, "
+                f"got {cfg.llm.visual_attention!r}."
+            )
         self.llm = build_llm(OmegaConf.to_object(cfg.llm), tokenizer)
         hidden = self.llm.get_input_embeddings().embedding_dim
         self.projector = build_projector(cfg.projector, self.tower.out_channels, hidden)
@@ -308,7 +318,12 @@ class RISModel(pl.LightningModule):
         emb, attn, text_labels, seg_pos, image_pos = self.build_inputs(
             proj.tokens, proj.mask, batch
         )
-        out = self.llm(inputs_embeds=emb, attention_mask=attn, output_hidden_states=True)
+        llm_mask = attn
+        if self.cfg.llm.visual_attention == "bidirectional":
+            from lightning_modules.llm import prefix_attention_mask
+
+            llm_mask = prefix_attention_mask(attn, image_pos, proj.mask.sum(1), emb.dtype)
+        out = self.llm(inputs_embeds=emb, attention_mask=llm_mask, output_hidden_states=True)
         logits = out.logits[:, :-1].float()
         target = text_labels[:, 1:]
         token_ce = F.cross_entropy(

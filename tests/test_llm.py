@@ -13,6 +13,7 @@ from lightning_modules.llm import (
     build_tokenizer,
     image_token_id,
     load_tokenizer,
+    prefix_attention_mask,
     seg_token_id,
 )
 
@@ -127,3 +128,35 @@ def test_config_errors(tokenizer, tmp_path):
     bad = LoraSettings(enabled=True, target_modules=["query"])
     with pytest.raises(ConfigError, match="llm.lora.target_modules"):
         build_llm(LLMConfig(**TINY, full_finetune=False, lora=bad), tokenizer)
+
+
+@pytest.mark.parametrize("mode", ["causal", "bidirectional"])
+def test_visual_attention_modes(mode, tokenizer):
+    """`bidirectional`: a visual token sees the visual tokens after it, text stays causal and
+    padding is ignored; `causal` (the 2-D mask): it does not."""
+    torch.manual_seed(0)
+    model = build_llm(LLMConfig(**TINY), tokenizer).eval()
+    start, n, length = 2, 4, 9  # text, 4 visual tokens, text; one pad slot at the end
+    attn = torch.ones(1, length, dtype=torch.long)
+    attn[0, -1] = 0
+
+    def hidden(embeds):
+        mask = attn
+        if mode == "bidirectional":
+            mask = prefix_attention_mask(
+                attn, torch.tensor([start]), torch.tensor([n]), torch.float32
+            )
+        out = model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+        return out.hidden_states[-1][0]
+
+    embeds = torch.randn(1, length, 32)
+    base = hidden(embeds)
+    last_vis = embeds.clone()
+    last_vis[0, start + n - 1] += 1.0
+    moved = hidden(last_vis)
+    torch.testing.assert_close(moved[:start], base[:start])  # the text before: causal
+    first_vis_changed = not torch.allclose(moved[start], base[start])
+    assert first_vis_changed == (mode == "bidirectional")
+    padded = embeds.clone()
+    padded[0, -1] += 5.0  # the pad slot is never attended to
+    torch.testing.assert_close(hidden(padded)[:-1], base[:-1])

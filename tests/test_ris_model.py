@@ -53,6 +53,7 @@ GROUNDING_ON = (
 )
 FUSION_ON = (*GROUNDING_ON, "grounding.fusion_layers=2")
 GEOMETRY_ON = (*GROUNDING_ON, "grounding.key_geometry=true")
+BIDIRECTIONAL = (*GROUNDING_ON, "llm.visual_attention=bidirectional")
 SMOOTH_ON = (*GROUNDING_ON, "grounding.pointer_eval=argmax", "grounding.pointer_smooth=0.3")
 
 
@@ -67,8 +68,8 @@ def _wake_fusion(model) -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [LISA_ONLY, GROUNDING_ON, FUSION_ON, GEOMETRY_ON, SMOOTH_ON],
-    ids=["lisa", "grounding", "fusion", "geometry", "smooth"],
+    [LISA_ONLY, GROUNDING_ON, FUSION_ON, GEOMETRY_ON, SMOOTH_ON, BIDIRECTIONAL],
+    ids=["lisa", "grounding", "fusion", "geometry", "smooth", "bidirectional"],
 )
 def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
     torch.manual_seed(0)
@@ -203,6 +204,7 @@ def test_grounding_head_is_off_for_footprintless_tokens(
         ("grounding.teacher_pointer=nearest", "grounding.teacher_pointer"),
         ("grounding.pointer_smooth=-0.1", "grounding.pointer_smooth"),
         ("grounding.loss=focal", "grounding.loss"),
+        ("llm.visual_attention=full", "llm.visual_attention"),
     ],
 )
 def test_bad_grounding_settings_are_config_errors(
