@@ -65,6 +65,10 @@ class GroundingConfig:
     # of the single top-scored token — one patch of an object that spans twenty is a noisy
     # vote; 0 = the top-scored token
     pointer_smooth: float = 0.0
+    # evaluation with `argmax`: decode a mask for each of the top `pointer_vote` tokens (by the
+    # possibly smoothed scores) and point at the one whose mask holds the most softmax mass —
+    # the scores vote per object, with the objects' own outlines; 0 = off
+    pointer_vote: int = 0
     # the grounding loss: `soft_ce` = cross-entropy towards the target weights (spread the scores
     # over every target token as the weights say), `mass` = −log of the softmax mass on the
     # target (each token counted by its weight relative to the target's best token), which
@@ -226,6 +230,14 @@ def smoothed_scores(logits: Tensor, centres: Tensor, sigma: float) -> Tensor:
     dist2 = torch.cdist(centres.float(), centres.float()).square()
     mass = (torch.exp(-dist2 / (2 * sigma**2)) @ probs[..., None]).squeeze(-1)
     return mass.clamp(min=1e-30).log().masked_fill(torch.isinf(logits), -math.inf)
+
+
+def mask_votes(probs: Tensor, regions: Tensor, cells: Tensor) -> Tensor:
+    """B×K softmax mass inside K candidate masks: Σ_i p_i · (share of token i's footprint inside
+    the mask). `probs` B×N, `regions` B×N×(h·w) footprints, `cells` B×K×(h·w) mask fractions."""
+    inside = regions @ cells.transpose(1, 2)  # B×N×K
+    share = inside / regions.sum(-1, keepdim=True).clamp(min=1e-12)
+    return (probs[:, None, :] @ share).squeeze(1)
 
 
 def sample_targets(target: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from lightning_modules.grounding import (
     GroundingHead,
     grid_targets,
     grounding_loss,
+    mask_votes,
     pointing_hits,
     sample_targets,
     smoothed_scores,
@@ -177,6 +178,11 @@ class RISModel(pl.LightningModule):
             raise ConfigError(
                 f"grounding.teacher_pointer must be one of {', '.join(TEACHER_POINTERS)}, "
                 f"got {g.teacher_pointer!r}."
+            )
+        if g.pointer_vote < 0:
+            raise ConfigError(
+                "grounding.pointer_vote is a number of candidate tokens and must be ≥ 0 "
+                f"(0 = off); got {g.pointer_vote}."
             )
         if not g.pointer_smooth >= 0:
             raise ConfigError(
@@ -389,8 +395,37 @@ class RISModel(pl.LightningModule):
                 centres = token_centroids(regions, h, w)
                 extra["point_scores"] = smoothed_scores(logits, centres, g.pointer_smooth)
             pick = extra.get("point_scores", logits).argmax(-1)
+            if g.pointer_vote > 0:
+                pick = self._vote(seg_hidden, logits, extra, codes, regions, (h, w), batch)
+            extra["point_pick"] = pick
             weights = F.one_hot(pick, logits.shape[-1]).to(weights.dtype)
         return seg_hidden + self.grounding.point_code(weights, codes), extra
+
+    def _vote(self, seg_hidden, logits, extra, codes, regions, grid, batch) -> torch.Tensor:
+        """B token indices: of the top `grounding.pointer_vote` tokens, the one whose decoded
+        mask holds the most softmax mass (`mask_votes`)."""
+        scores = extra.get("point_scores", logits)
+        b, n = logits.shape
+        k = max(
+            1, min(int(self.cfg.grounding.pointer_vote), int(torch.isfinite(scores).sum(1).min()))
+        )
+        top = scores.topk(k, -1).indices  # B×K, never padding: k ≤ every sample's token count
+        onehot = F.one_hot(top, n).to(codes.dtype)
+        prompts = self.seg_head(seg_hidden[:, None] + self.grounding.point(onehot @ codes))
+        images = batch["images"]
+        embed = self.sam_features(images, batch["image_ids"], batch.get("views"))
+        low = decode_masks(self.sam, embed.repeat_interleave(k, 0), prompts.flatten(0, 1))
+        low = low.view(b, k, *low.shape[-2:])
+        size, cells = self.sam.image_encoder.img_size, []
+        for i, img in enumerate(images):  # the image's part of SAM's padded frame, on the grid
+            rh, rw = self._resized_size(int(img.shape[0]), int(img.shape[1]))
+            hh = max(1, round(rh / size * low.shape[-2]))
+            ww = max(1, round(rw / size * low.shape[-1]))
+            inside = (low[i, :, :hh, :ww] > 0).float()[:, None]
+            cells.append(F.adaptive_avg_pool2d(inside, grid).flatten(1))
+        votes = mask_votes(logits.float().softmax(-1), regions, torch.stack(cells))
+        extra["point_votes"] = votes
+        return top.gather(1, votes.argmax(-1, keepdim=True))[:, 0]
 
     @staticmethod
     def _text_states(hidden, image_pos, seg_pos, num_vis) -> tuple:
@@ -484,7 +519,9 @@ class RISModel(pl.LightningModule):
         self._tokens[idx].extend(out["num_tokens"].tolist())
         self._seq_len[idx].extend(out["seq_len"].tolist())
         if "ground_target" in out:
-            scores = out.get("point_scores", out["ground_logits"])  # what the pointer picked by
+            scores = out["ground_logits"]
+            if "point_pick" in out:  # the token the pointer picked (smoothed, voted)
+                scores = F.one_hot(out["point_pick"], scores.shape[-1]).float()
             hits = pointing_hits(scores, out["ground_target"], out["ground_valid"])
             self._hits[idx].extend(hits.long().tolist())
             for metric, keep in ((self.ciou_hit[idx], hits), (self.ciou_miss[idx], ~hits)):

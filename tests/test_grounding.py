@@ -8,6 +8,7 @@ from lightning_modules.grounding import (
     GroundingHead,
     grid_targets,
     grounding_loss,
+    mask_votes,
     pointing_hits,
     sample_targets,
     smoothed_scores,
@@ -213,3 +214,16 @@ def test_mass_loss_skips_samples_without_target_and_padding():
     loss.backward()
     assert torch.isfinite(logits.grad).all()
     assert (logits.grad[1] == 0).all()
+
+
+def test_mask_votes_sum_the_mass_inside_each_mask():
+    """Four one-cell tokens on a 2×2 grid with softmax mass 0.1, 0.2, 0.3, 0.4: a mask over the
+    top row holds 0.3, one over the right column 0.6, one over half of the last cell 0.2."""
+    regions = torch.eye(4)[None]
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    cells = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.5]]])
+    torch.testing.assert_close(mask_votes(probs, regions, cells), torch.tensor([[0.3, 0.6, 0.2]]))
+    # a token of two cells, half inside the mask, brings half its mass
+    wide = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]])
+    half = mask_votes(torch.tensor([[0.8, 0.2]]), wide, torch.tensor([[[1.0, 0.0, 0.0, 0.0]]]))
+    torch.testing.assert_close(half, torch.tensor([[0.4]]))

@@ -55,6 +55,7 @@ FUSION_ON = (*GROUNDING_ON, "grounding.fusion_layers=2")
 GEOMETRY_ON = (*GROUNDING_ON, "grounding.key_geometry=true")
 BIDIRECTIONAL = (*GROUNDING_ON, "llm.visual_attention=bidirectional")
 SMOOTH_ON = (*GROUNDING_ON, "grounding.pointer_eval=argmax", "grounding.pointer_smooth=0.3")
+VOTE_ON = (*SMOOTH_ON, "grounding.pointer_vote=3")
 
 
 def _wake_fusion(model) -> None:
@@ -68,8 +69,8 @@ def _wake_fusion(model) -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [LISA_ONLY, GROUNDING_ON, FUSION_ON, GEOMETRY_ON, SMOOTH_ON, BIDIRECTIONAL],
-    ids=["lisa", "grounding", "fusion", "geometry", "smooth", "bidirectional"],
+    [LISA_ONLY, GROUNDING_ON, FUSION_ON, GEOMETRY_ON, SMOOTH_ON, VOTE_ON, BIDIRECTIONAL],
+    ids=["lisa", "grounding", "fusion", "geometry", "smooth", "vote", "bidirectional"],
 )
 def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
     torch.manual_seed(0)
@@ -97,7 +98,13 @@ def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path)
             alone["ground_logits"][0], batched["ground_logits"][0, :4], atol=1e-5, rtol=0
         )
         assert torch.isinf(batched["ground_logits"][0, 4:]).all()
-    if extra == SMOOTH_ON:  # the smoothed pointer scores ignore padding too
+    if extra == VOTE_ON:  # the vote picks among real tokens and the same one batched or alone
+        assert alone["point_pick"][0] == batched["point_pick"][0]
+        assert (batched["point_pick"] < batched["num_tokens"]).all()
+        torch.testing.assert_close(
+            alone["point_votes"][0], batched["point_votes"][0], atol=1e-5, rtol=0
+        )
+    if extra in (SMOOTH_ON, VOTE_ON):  # the smoothed pointer scores ignore padding too
         torch.testing.assert_close(
             alone["point_scores"][0], batched["point_scores"][0, :4], atol=1e-5, rtol=0
         )
@@ -204,6 +211,7 @@ def test_grounding_head_is_off_for_footprintless_tokens(
         ("grounding.teacher_pointer=nearest", "grounding.teacher_pointer"),
         ("grounding.pointer_smooth=-0.1", "grounding.pointer_smooth"),
         ("grounding.loss=focal", "grounding.loss"),
+        ("grounding.pointer_vote=-1", "grounding.pointer_vote"),
         ("llm.visual_attention=full", "llm.visual_attention"),
     ],
 )
