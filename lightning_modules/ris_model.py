@@ -406,10 +406,9 @@ class RISModel(pl.LightningModule):
         mask holds the most softmax mass (`mask_votes`)."""
         scores = extra.get("point_scores", logits)
         b, n = logits.shape
-        k = max(
-            1, min(int(self.cfg.grounding.pointer_vote), int(torch.isfinite(scores).sum(1).min()))
-        )
-        top = scores.topk(k, -1).indices  # B×K, never padding: k ≤ every sample's token count
+        k = min(int(self.cfg.grounding.pointer_vote), n)
+        top = scores.topk(k, -1).indices  # B×K; a sample with fewer tokens gets padding slots
+        real = torch.isfinite(scores.gather(1, top))  # which never win the vote
         onehot = F.one_hot(top, n).to(codes.dtype)
         prompts = self.seg_head(seg_hidden[:, None] + self.grounding.point(onehot @ codes))
         images = batch["images"]
@@ -424,6 +423,7 @@ class RISModel(pl.LightningModule):
             inside = (low[i, :, :hh, :ww] > 0).float()[:, None]
             cells.append(F.adaptive_avg_pool2d(inside, grid).flatten(1))
         votes = mask_votes(logits.float().softmax(-1), regions, torch.stack(cells))
+        votes = votes.masked_fill(~real, -math.inf)
         extra["point_votes"] = votes
         return top.gather(1, votes.argmax(-1, keepdim=True))[:, 0]
 
