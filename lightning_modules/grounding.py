@@ -272,5 +272,11 @@ def grounding_loss(
 def pointing_hits(logits: Tensor, target: Tensor, valid: Tensor) -> Tensor:
     """B bool: the highest-scored token is a highest-weighted target token (False without a
     target)."""
-    best = target.gather(1, logits.argmax(-1, keepdim=True))[:, 0]
+    return picked_hits(logits.argmax(-1), target, valid)
+
+
+def picked_hits(pick: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """B bool: token `pick` (B indices) is a highest-weighted target token (False without a
+    target)."""
+    best = target.gather(1, pick[:, None])[:, 0]
     return (best >= target.amax(-1) - 1e-6) & valid

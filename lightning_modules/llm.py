@@ -208,6 +208,11 @@ def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Mo
         raise ConfigError(
             "llm.lora.enabled and llm.full_finetune are both true; set one of them to false"
         )
+    if cfg.visual_attention not in VISUAL_ATTENTION:
+        raise ConfigError(
+            f"llm.visual_attention must be one of {', '.join(VISUAL_ATTENTION)}, "
+            f"got {cfg.visual_attention!r}."
+        )
     model = _pretrained(cfg) if cfg.path else _tiny_llama(cfg, tokenizer)
     if model.get_input_embeddings().num_embeddings != len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))

@@ -26,7 +26,7 @@ from lightning_modules.grounding import (
     grid_targets,
     grounding_loss,
     mask_votes,
-    pointing_hits,
+    picked_hits,
     sample_targets,
     smoothed_scores,
     target_distribution,
@@ -121,12 +121,7 @@ class RISModel(pl.LightningModule):
         cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
         self.save_hyperparameters({"cfg": OmegaConf.to_container(cfg, resolve=True)})
         self.cfg = cfg
-        from lightning_modules.llm import (
-            VISUAL_ATTENTION,
-            build_llm,
-            image_token_id,
-            seg_token_id,
-        )
+        from lightning_modules.llm import build_llm, image_token_id, seg_token_id
         from lightning_modules.projectors import build_projector
         from lightning_modules.sam_builder import load_sam
         from lightning_modules.vision_tower import build_vision_tower
@@ -148,11 +143,6 @@ class RISModel(pl.LightningModule):
             p.requires_grad_(bool(cfg.mask_decoder.train_decoder))
 
         self.tower = build_vision_tower(OmegaConf.to_object(cfg.vision))
-        if cfg.llm.visual_attention not in VISUAL_ATTENTION:
-            raise ConfigError(
-                f"llm.visual_attention must be one of {', '.join(VISUAL_ATTENTION)}, "
-                f"got {cfg.llm.visual_attention!r}."
-            )
         self.llm = build_llm(OmegaConf.to_object(cfg.llm), tokenizer)
         hidden = self.llm.get_input_embeddings().embedding_dim
         self.projector = build_projector(cfg.projector, self.tower.out_channels, hidden)
@@ -373,9 +363,10 @@ class RISModel(pl.LightningModule):
             text, text_mask = self._text_states(hidden, image_pos, seg_pos, proj.mask.sum(1))
             query, vis = self.grounding.fuse(seg_hidden, vis, proj.mask, text, text_mask)
         regions, (h, w) = proj.regions.float(), (int(s) for s in feats.shape[-2:])
-        codes = None
+        codes = centres = None
         if self.grounding.point is not None or self.grounding.geometry is not None:
-            codes = self._point_codes(regions, (h, w), batch["images"])
+            centres = token_centroids(regions, h, w)
+            codes = self._point_codes(centres, batch["images"])
         logits = self.grounding.logits(query, vis, proj.mask, codes)
         extra = {"ground_logits": logits}
         if "masks" in batch:
@@ -392,7 +383,6 @@ class RISModel(pl.LightningModule):
             weights = torch.where(valid, teacher, weights)
         elif not self.training and g.pointer_eval == "argmax":
             if g.pointer_smooth > 0:
-                centres = token_centroids(regions, h, w)
                 extra["point_scores"] = smoothed_scores(logits, centres, g.pointer_smooth)
             pick = extra.get("point_scores", logits).argmax(-1)
             if g.pointer_vote > 0:
@@ -437,13 +427,13 @@ class RISModel(pl.LightningModule):
         is_vis = (p >= image_pos[:, None]) & (p < (image_pos + num_vis)[:, None])
         return hidden[:, :length].float(), (p < seg_pos[:, None]) & ~is_vis
 
-    def _point_codes(self, regions: torch.Tensor, grid, images: list) -> torch.Tensor:
-        """SAM's Fourier point code (B×N×C) at each token's footprint centroid.
+    def _point_codes(self, xy: torch.Tensor, images: list) -> torch.Tensor:
+        """SAM's Fourier point code (B×N×C) at each token's footprint centroid (`xy`, B×N×2 from
+        `token_centroids`).
 
         The footprints live on the tower's feature grid, taken to span the image; SAM's point
         coordinates are relative to its padded square input frame, hence the per-image scale.
         """
-        xy = token_centroids(regions, int(grid[0]), int(grid[1]))
         size = self.sam.image_encoder.img_size
         scale = [self._resized_size(int(i.shape[0]), int(i.shape[1])) for i in images]
         frame = torch.tensor([[w / size, h / size] for h, w in scale], device=xy.device)
@@ -519,10 +509,9 @@ class RISModel(pl.LightningModule):
         self._tokens[idx].extend(out["num_tokens"].tolist())
         self._seq_len[idx].extend(out["seq_len"].tolist())
         if "ground_target" in out:
-            scores = out["ground_logits"]
-            if "point_pick" in out:  # the token the pointer picked (smoothed, voted)
-                scores = F.one_hot(out["point_pick"], scores.shape[-1]).float()
-            hits = pointing_hits(scores, out["ground_target"], out["ground_valid"])
+            # the token the pointer picked (smoothed, voted), else the top-scored one
+            pick = out.get("point_pick", out["ground_logits"].argmax(-1))
+            hits = picked_hits(pick, out["ground_target"], out["ground_valid"])
             self._hits[idx].extend(hits.long().tolist())
             for metric, keep in ((self.ciou_hit[idx], hits), (self.ciou_miss[idx], ~hits)):
                 pick = keep.nonzero()[:, 0].tolist()
