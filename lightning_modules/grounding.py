@@ -83,6 +83,14 @@ class GroundingConfig:
     # the scores can prefer places ("the leftmost ...") even when the tokens carry no position
     # of their own (`mlp` patches; `semantic` tokens have SSPE)
     key_geometry: bool = False
+    # a second, object-level scorer (training and evaluation; needs `pointer`): decode a mask for
+    # each of the top `rerank` tokens and score each mask by the visual states pooled inside it
+    # (area-weighted, as the `semantic` projector pools features into a superpixel) plus the
+    # mask's place and size; trained towards the candidate that best overlaps the target, and at
+    # evaluation with `argmax` the pointer takes the best-scored candidate. A patch scores what
+    # it shows; a pooled mask scores the whole object. 0 = off
+    rerank: int = 0
+    rerank_weight: float = 1.0  # weight of the re-ranking loss in the total loss
 
     @property
     def enabled(self) -> bool:
@@ -134,6 +142,7 @@ class GroundingHead(nn.Module):
         fusion_layers: int = 0,
         fusion_heads: int = 4,
         key_geometry: bool = False,
+        rerank: bool = False,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -149,6 +158,15 @@ class GroundingHead(nn.Module):
         if fusion_layers:
             # role of each slot: [SEG] query, visual token, sentence token
             self.role = nn.Parameter(torch.randn(3, hidden) * 0.02)
+        self.rerank_query = nn.Linear(hidden, dim) if rerank else None
+        # pooled state ⊕ the mask centroid's point code ⊕ log of the mask's share of the grid
+        self.rerank_key = (
+            nn.Sequential(
+                nn.Linear(hidden + pe_dim + 1, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
+            )
+            if rerank
+            else None
+        )
 
     def fuse(
         self, seg_hidden: Tensor, vis_hidden: Tensor, mask: Tensor, text: Tensor, text_mask: Tensor
@@ -182,6 +200,16 @@ class GroundingHead(nn.Module):
             keys = keys + self.geometry(codes)
         scores = (keys @ q[..., None]).squeeze(-1) / math.sqrt(self.dim)
         return scores.masked_fill(~mask, -math.inf)
+
+    def rerank_logits(
+        self, seg_hidden: Tensor, pooled: Tensor, codes: Tensor, area: Tensor, real: Tensor
+    ) -> Tensor:
+        """B×K scores of K candidate masks (their pooled states B×K×D, centroid point codes
+        B×K×C and shares of the grid B×K) against the B×D [SEG] states; −inf where not `real`."""
+        q = self.rerank_query(seg_hidden)
+        x = torch.cat([pooled, codes, area.clamp(min=1e-4).log()[..., None]], -1)
+        scores = (self.rerank_key(x) @ q[..., None]).squeeze(-1) / math.sqrt(self.dim)
+        return scores.masked_fill(~real, -math.inf)
 
     def point_code(self, weights: Tensor, codes: Tensor) -> Tensor:
         """B×D: the `weights`-weighted (B×N, rows sum to 1) mean of the tokens' B×N×C point codes,
@@ -238,6 +266,38 @@ def mask_votes(probs: Tensor, regions: Tensor, cells: Tensor) -> Tensor:
     inside = regions @ cells.transpose(1, 2)  # B×N×K
     share = inside / regions.sum(-1, keepdim=True).clamp(min=1e-12)
     return (probs[:, None, :] @ share).squeeze(1)
+
+
+def pool_in_masks(states: Tensor, regions: Tensor, cells: Tensor) -> Tensor:
+    """B×K×D: the mean of the B×N×D states over each of K masks, each token weighted by how much
+    of its footprint (`regions` B×N×(h·w)) the mask (`cells` B×K×(h·w) fractions) covers;
+    zeros for an empty mask."""
+    overlap = regions @ cells.transpose(1, 2)  # B×N×K, in cells
+    weights = overlap / overlap.sum(1, keepdim=True).clamp(min=1e-12)
+    return weights.transpose(1, 2) @ states
+
+
+def cell_iou(cells: Tensor, target: Tensor) -> Tensor:
+    """B×K IoU on the feature grid between K candidate masks (B×K×(h·w) cell fractions) and the
+    target (B×(h·w)): Σ min / Σ max; 0 when both are empty."""
+    t = target[:, None, :].expand_as(cells)
+    inter = torch.minimum(cells, t).sum(-1)
+    return inter / torch.maximum(cells, t).sum(-1).clamp(min=1e-12)
+
+
+def rerank_loss(logits: Tensor, iou: Tensor, min_iou: float = 0.25) -> tuple[Tensor, Tensor]:
+    """Cross-entropy of the candidate scores (B×K, −inf = no candidate) towards the candidate
+    that best overlaps the target, over the samples where that overlap is ≥ `min_iou` (else no
+    candidate is the target); and how often the top-scored candidate is that one. Zero (with a
+    gradient path) when no sample qualifies."""
+    iou = iou.masked_fill(torch.isinf(logits), -1.0)
+    best = iou.argmax(-1)
+    valid = iou.amax(-1) >= min_iou
+    safe = logits.float().masked_fill(torch.isinf(logits), -1e4)
+    per = F.cross_entropy(safe, best, reduction="none")
+    n = valid.sum().clamp(min=1)
+    hits = (safe.argmax(-1) == best) & valid
+    return (per * valid).sum() / n, hits.sum() / n
 
 
 def sample_targets(target: Tensor) -> Tensor:

@@ -23,10 +23,13 @@ from lightning_modules.grounding import (
     POINTER_EVAL,
     TEACHER_POINTERS,
     GroundingHead,
+    cell_iou,
     grid_targets,
     grounding_loss,
     mask_votes,
     picked_hits,
+    pool_in_masks,
+    rerank_loss,
     sample_targets,
     smoothed_scores,
     target_distribution,
@@ -174,6 +177,17 @@ class RISModel(pl.LightningModule):
                 "grounding.pointer_vote is a number of candidate tokens and must be ≥ 0 "
                 f"(0 = off); got {g.pointer_vote}."
             )
+        if g.rerank < 0 or (g.rerank > 0 and not g.pointer):
+            raise ConfigError(
+                "grounding.rerank is a number of candidate tokens (0 = off), ≥ 0, and needs "
+                f"grounding.pointer=true to decode their masks; got rerank={g.rerank}, "
+                f"pointer={g.pointer}."
+            )
+        if g.rerank > 0 and g.pointer_vote > 0:
+            raise ConfigError(
+                "grounding.rerank and grounding.pointer_vote both pick among decoded candidate "
+                "masks; set one of them to 0."
+            )
         if not g.pointer_smooth >= 0:
             raise ConfigError(
                 "grounding.pointer_smooth is a width (a fraction of the feature grid's side) and "
@@ -195,6 +209,7 @@ class RISModel(pl.LightningModule):
                     fusion_layers=int(g.fusion_layers),
                     fusion_heads=int(g.fusion_heads),
                     key_geometry=bool(g.key_geometry),
+                    rerank=g.rerank > 0,
                 )
             else:
                 rank_zero_warn(
@@ -372,8 +387,13 @@ class RISModel(pl.LightningModule):
         if "masks" in batch:
             cells = grid_targets(batch["masks"], h, w, logits.device)
             extra["ground_target"], extra["ground_valid"] = target_distribution(regions, cells)
+            if g.rerank > 0:
+                extra["ground_cells"] = cells
         if self.grounding.point is None:
             return seg_hidden, extra
+        rerank_top = None
+        if g.rerank > 0:
+            rerank_top = self._rerank(seg_hidden, logits, vis, codes, regions, (h, w), batch, extra)
         weights = logits.softmax(-1)
         if self.training and g.teacher_forcing and "ground_target" in extra:
             valid = extra["ground_valid"][:, None]
@@ -385,20 +405,23 @@ class RISModel(pl.LightningModule):
             if g.pointer_smooth > 0:
                 extra["point_scores"] = smoothed_scores(logits, centres, g.pointer_smooth)
             pick = extra.get("point_scores", logits).argmax(-1)
-            if g.pointer_vote > 0:
+            if rerank_top is not None:
+                best = extra["rerank_logits"].argmax(-1, keepdim=True)
+                pick = rerank_top.gather(1, best)[:, 0]
+            elif g.pointer_vote > 0:
                 pick = self._vote(seg_hidden, logits, extra, codes, regions, (h, w), batch)
             extra["point_pick"] = pick
             weights = F.one_hot(pick, logits.shape[-1]).to(weights.dtype)
         return seg_hidden + self.grounding.point_code(weights, codes), extra
 
-    def _vote(self, seg_hidden, logits, extra, codes, regions, grid, batch) -> torch.Tensor:
-        """B token indices: of the top `grounding.pointer_vote` tokens, the one whose decoded
-        mask holds the most softmax mass (`mask_votes`)."""
-        scores = extra.get("point_scores", logits)
-        b, n = logits.shape
-        k = min(int(self.cfg.grounding.pointer_vote), n)
-        top = scores.topk(k, -1).indices  # B×K; a sample with fewer tokens gets padding slots
-        real = torch.isfinite(scores.gather(1, top))  # which never win the vote
+    def _candidates(self, seg_hidden, scores, codes, grid, batch, k) -> tuple:
+        """The top-`k` tokens by `scores` (B×K indices), which of them are real tokens (B×K; a
+        sample with fewer tokens gets padding slots), and the masks decoded from pointing at each
+        (B×K×(h·w): the fraction of each feature-grid cell inside the mask)."""
+        b, n = scores.shape
+        k = min(int(k), n)
+        top = scores.topk(k, -1).indices
+        real = torch.isfinite(scores.gather(1, top))
         onehot = F.one_hot(top, n).to(codes.dtype)
         prompts = self.seg_head(seg_hidden[:, None] + self.grounding.point(onehot @ codes))
         images = batch["images"]
@@ -412,10 +435,37 @@ class RISModel(pl.LightningModule):
             ww = max(1, round(rw / size * low.shape[-1]))
             inside = (low[i, :, :hh, :ww] > 0).float()[:, None]
             cells.append(F.adaptive_avg_pool2d(inside, grid).flatten(1))
-        votes = mask_votes(logits.float().softmax(-1), regions, torch.stack(cells))
+        return top, real, torch.stack(cells)
+
+    def _vote(self, seg_hidden, logits, extra, codes, regions, grid, batch) -> torch.Tensor:
+        """B token indices: of the top `grounding.pointer_vote` tokens, the one whose decoded
+        mask holds the most softmax mass (`mask_votes`)."""
+        scores = extra.get("point_scores", logits)
+        top, real, cells = self._candidates(
+            seg_hidden, scores, codes, grid, batch, self.cfg.grounding.pointer_vote
+        )
+        votes = mask_votes(logits.float().softmax(-1), regions, cells)
         votes = votes.masked_fill(~real, -math.inf)
         extra["point_votes"] = votes
         return top.gather(1, votes.argmax(-1, keepdim=True))[:, 0]
+
+    def _rerank(self, seg_hidden, logits, vis, codes, regions, grid, batch, extra) -> torch.Tensor:
+        """Scores (B×K) of the masks decoded from the top `grounding.rerank` tokens, from the
+        visual states pooled inside each; stores them, the candidates and (with target masks)
+        each candidate's grid IoU with the target in `extra`. Returns the candidates' indices."""
+        with torch.no_grad():  # the candidates are inputs to the re-ranker, not trained through
+            top, real, cells = self._candidates(
+                seg_hidden.detach(), logits.detach(), codes, grid, batch, self.cfg.grounding.rerank
+            )
+        pooled = pool_in_masks(vis, regions, cells)
+        h, w = grid
+        ccodes = self._point_codes(token_centroids(cells, h, w), batch["images"])
+        extra["rerank_logits"] = self.grounding.rerank_logits(
+            seg_hidden, pooled, ccodes, cells.sum(-1) / (h * w), real
+        )
+        if "ground_cells" in extra:
+            extra["rerank_iou"] = cell_iou(cells, extra.pop("ground_cells"))
+        return top
 
     @staticmethod
     def _text_states(hidden, image_pos, seg_pos, num_vis) -> tuple:
@@ -476,6 +526,10 @@ class RISModel(pl.LightningModule):
             ground, acc = self.grounding_terms(out)
             total = total + self.cfg.grounding.weight * ground
             terms.update(grounding=ground, point_acc=acc.detach())
+        if "rerank_iou" in out:
+            rerank, racc = rerank_loss(out["rerank_logits"], out["rerank_iou"])
+            total = total + self.cfg.grounding.rerank_weight * rerank
+            terms.update(rerank=rerank, rerank_acc=racc.detach())
         return {"loss": total, **terms}
 
     # ------------------------------------------------------------------ lightning hooks

@@ -6,10 +6,13 @@ import torch
 
 from lightning_modules.grounding import (
     GroundingHead,
+    cell_iou,
     grid_targets,
     grounding_loss,
     mask_votes,
     pointing_hits,
+    pool_in_masks,
+    rerank_loss,
     sample_targets,
     smoothed_scores,
     target_distribution,
@@ -227,3 +230,37 @@ def test_mask_votes_sum_the_mass_inside_each_mask():
     wide = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]])
     half = mask_votes(torch.tensor([[0.8, 0.2]]), wide, torch.tensor([[[1.0, 0.0, 0.0, 0.0]]]))
     torch.testing.assert_close(half, torch.tensor([[0.4]]))
+
+
+def test_pool_in_masks_is_the_area_weighted_mean_inside_each_mask():
+    """Tokens: cells 0 and 1 (one token of two cells, state [2, 0]) and cell 2 and 3 (one cell
+    each, states [0, 4] and [6, 6]). A mask over cells 1–2 holds half of the first token (one
+    cell) and the whole second: mean [1, 2]; an empty mask pools to zeros."""
+    regions = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]])
+    states = torch.tensor([[[2.0, 0.0], [0.0, 4.0], [6.0, 6.0]]])
+    cells = torch.tensor([[[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]]])
+    pooled = pool_in_masks(states, regions, cells)
+    torch.testing.assert_close(pooled, torch.tensor([[[1.0, 2.0], [6.0, 6.0], [0.0, 0.0]]]))
+
+
+def test_cell_iou_by_hand():
+    target = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    cells = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.5, 0.0, 0.0, 0.0]]])
+    # identical 1; one shared cell of three 1/3; half a cell inside, min 0.5 / max 2 = 0.25
+    torch.testing.assert_close(cell_iou(cells, target), torch.tensor([[1.0, 1 / 3, 0.25]]))
+    assert cell_iou(torch.zeros(1, 1, 4), torch.zeros(1, 4)).item() == 0.0
+
+
+def test_rerank_loss_by_hand():
+    """Sample 0: candidate 1 overlaps best (0.8) → CE of [0, 1, −1] towards 1; sample 1: no
+    candidate reaches 0.25 → left out; padding candidates (−inf) never count as the best."""
+    logits = torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.0, -math.inf]], requires_grad=True)
+    iou = torch.tensor([[0.3, 0.8, 0.0], [0.1, 0.2, 0.9]])
+    loss, acc = rerank_loss(logits, iou)
+    expected = -torch.tensor([0.0, 1.0, -1.0]).log_softmax(-1)[1]
+    torch.testing.assert_close(loss, expected)
+    assert acc.item() == 1.0
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and (logits.grad[1] == 0).all()
+    none, _ = rerank_loss(logits, torch.zeros(2, 3))
+    assert none.item() == 0.0

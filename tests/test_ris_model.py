@@ -56,6 +56,7 @@ GEOMETRY_ON = (*GROUNDING_ON, "grounding.key_geometry=true")
 BIDIRECTIONAL = (*GROUNDING_ON, "llm.visual_attention=bidirectional")
 SMOOTH_ON = (*GROUNDING_ON, "grounding.pointer_eval=argmax", "grounding.pointer_smooth=0.3")
 VOTE_ON = (*SMOOTH_ON, "grounding.pointer_vote=6")  # > the first sample's 4 tokens
+RERANK_ON = (*SMOOTH_ON, "grounding.rerank=6")
 
 
 def _wake_fusion(model) -> None:
@@ -69,8 +70,8 @@ def _wake_fusion(model) -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [LISA_ONLY, GROUNDING_ON, FUSION_ON, GEOMETRY_ON, SMOOTH_ON, VOTE_ON, BIDIRECTIONAL],
-    ids=["lisa", "grounding", "fusion", "geometry", "smooth", "vote", "bidirectional"],
+    [LISA_ONLY, GROUNDING_ON, FUSION_ON, GEOMETRY_ON, SMOOTH_ON, VOTE_ON, RERANK_ON, BIDIRECTIONAL],
+    ids=["lisa", "grounding", "fusion", "geometry", "smooth", "vote", "rerank", "bidirectional"],
 )
 def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
     torch.manual_seed(0)
@@ -106,7 +107,16 @@ def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path)
         torch.testing.assert_close(
             alone["point_votes"][0], batched["point_votes"][0, :4], atol=1e-5, rtol=0
         )
-    if extra in (SMOOTH_ON, VOTE_ON):  # the smoothed pointer scores ignore padding too
+    if extra == RERANK_ON:  # the re-ranker scores the same 4 candidate masks batched or alone
+        assert alone["point_pick"][0] == batched["point_pick"][0]
+        assert torch.isinf(batched["rerank_logits"][0, 4:]).all()
+        torch.testing.assert_close(
+            alone["rerank_logits"][0], batched["rerank_logits"][0, :4], atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(
+            alone["rerank_iou"][0], batched["rerank_iou"][0, :4], atol=1e-5, rtol=0
+        )
+    if extra in (SMOOTH_ON, VOTE_ON, RERANK_ON):  # the smoothed pointer scores ignore padding
         torch.testing.assert_close(
             alone["point_scores"][0], batched["point_scores"][0, :4], atol=1e-5, rtol=0
         )
@@ -133,7 +143,9 @@ def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, t
 
 
 @pytest.mark.parametrize(
-    "extra", [GROUNDING_ON, FUSION_ON, GEOMETRY_ON], ids=["grounding", "fusion", "geometry"]
+    "extra",
+    [GROUNDING_ON, FUSION_ON, GEOMETRY_ON, (*GROUNDING_ON, "grounding.rerank=3")],
+    ids=["grounding", "fusion", "geometry", "rerank"],
 )
 def test_grounding_head_trains_and_points(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
     """The grounding loss is in the total, every head parameter gets a gradient, and the pointer
@@ -146,10 +158,17 @@ def test_grounding_head_trains_and_points(extra, synthref_root, tiny_sam_checkpo
     collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
     batch = collate(_items(synthref_root, [2, 5, 3]))
     out = model(batch)
+    if "rerank_iou" in out:  # an untrained pointer's candidates rarely reach the target: make
+        # the second one the target's for every sample, so the re-ranking loss has a signal
+        assert out["rerank_iou"].shape == (3, 3) and (out["rerank_iou"] >= 0).all()
+        out["rerank_iou"] = torch.tensor([[0.0, 0.9, 0.1]]).expand(3, 3)
     losses = model.losses(out, batch)
     assert losses["grounding"] > 0 and 0 <= losses["point_acc"] <= 1
-    plain = losses["ce"] + 2.0 * losses["bce"] + 0.5 * losses["dice"]
-    torch.testing.assert_close(losses["loss"], plain + losses["grounding"])
+    plain = losses["ce"] + 2.0 * losses["bce"] + 0.5 * losses["dice"] + losses["grounding"]
+    if "rerank" in losses:  # the re-ranking loss joins the total with weight 1
+        assert out["rerank_logits"].shape == (3, 3) and 0 <= losses["rerank_acc"] <= 1
+        plain = plain + losses["rerank"]
+    torch.testing.assert_close(losses["loss"], plain)
     losses["loss"].backward()
     for name, p in model.grounding.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -214,6 +233,9 @@ def test_grounding_head_is_off_for_footprintless_tokens(
         ("grounding.pointer_smooth=-0.1", "grounding.pointer_smooth"),
         ("grounding.loss=focal", "grounding.loss"),
         ("grounding.pointer_vote=-1", "grounding.pointer_vote"),
+        ("grounding.rerank=-2", "grounding.rerank"),
+        ("grounding.rerank=4 grounding.pointer_vote=4", "grounding.rerank"),
+        ("grounding.rerank=4 grounding.pointer=false", "grounding.rerank"),
         ("llm.visual_attention=full", "llm.visual_attention"),
     ],
 )
@@ -222,7 +244,7 @@ def test_bad_grounding_settings_are_config_errors(
 ):
     from datamodules.errors import ConfigError
 
-    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=(*FUSION_ON, bad))
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=(*FUSION_ON, *bad.split()))
     with pytest.raises(ConfigError, match=key):
         RISModel(cfg, tokenizer_for(cfg))
 
