@@ -285,18 +285,18 @@ def cell_iou(cells: Tensor, target: Tensor) -> Tensor:
     return inter / torch.maximum(cells, t).sum(-1).clamp(min=1e-12)
 
 
-def rerank_loss(logits: Tensor, iou: Tensor, min_iou: float = 0.25) -> tuple[Tensor, Tensor]:
-    """Cross-entropy of the candidate scores (B×K, −inf = no candidate) towards the candidate
-    that best overlaps the target, over the samples where that overlap is ≥ `min_iou` (else no
-    candidate is the target); and how often the top-scored candidate is that one. Zero (with a
-    gradient path) when no sample qualifies."""
-    iou = iou.masked_fill(torch.isinf(logits), -1.0)
-    best = iou.argmax(-1)
-    valid = iou.amax(-1) >= min_iou
-    safe = logits.float().masked_fill(torch.isinf(logits), -1e4)
-    per = F.cross_entropy(safe, best, reduction="none")
+def rerank_loss(logits: Tensor, iou: Tensor, min_iou: float = 0.5) -> tuple[Tensor, Tensor]:
+    """−log of the softmax mass (over the candidates' scores B×K, −inf = no candidate) on the
+    candidates that overlap the target with IoU ≥ `min_iou` — the top tokens often point at one
+    object twice, and either mask is right — over the samples that have such a candidate; and
+    how often the top-scored candidate is one of them. Zero (with a gradient path) when no
+    sample has one."""
+    good = (iou >= min_iou) & torch.isfinite(logits)
+    valid = good.any(-1)
+    logp = logits.float().masked_fill(torch.isinf(logits), -1e4).log_softmax(-1)
+    per = -torch.logsumexp(logp.masked_fill(~good, -1e4), -1)
     n = valid.sum().clamp(min=1)
-    hits = (safe.argmax(-1) == best) & valid
+    hits = good.gather(1, logp.argmax(-1, keepdim=True))[:, 0] & valid
     return (per * valid).sum() / n, hits.sum() / n
 
 

@@ -252,13 +252,14 @@ def test_cell_iou_by_hand():
 
 
 def test_rerank_loss_by_hand():
-    """Sample 0: candidate 1 overlaps best (0.8) → CE of [0, 1, −1] towards 1; sample 1: no
-    candidate reaches 0.25 → left out; padding candidates (−inf) never count as the best."""
+    """Sample 0: candidates 1 and 2 overlap the target (IoU ≥ 0.5) → −log of their softmax mass
+    under scores [0, 1, −1]; sample 1: none does (its padding slot's 0.9 does not count) → left
+    out of the mean."""
     logits = torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.0, -math.inf]], requires_grad=True)
-    iou = torch.tensor([[0.3, 0.8, 0.0], [0.1, 0.2, 0.9]])
+    iou = torch.tensor([[0.3, 0.8, 0.6], [0.1, 0.2, 0.9]])
     loss, acc = rerank_loss(logits, iou)
-    expected = -torch.tensor([0.0, 1.0, -1.0]).log_softmax(-1)[1]
-    torch.testing.assert_close(loss, expected)
+    p = torch.tensor([0.0, 1.0, -1.0]).softmax(-1)
+    torch.testing.assert_close(loss, -(p[1] + p[2]).log())
     assert acc.item() == 1.0
     loss.backward()
     assert torch.isfinite(logits.grad).all() and (logits.grad[1] == 0).all()
