@@ -114,10 +114,31 @@ def test_other_configs_get_their_own_cache(tmp_path):
     images = FakeImages(tmp_path, range(4))
     coarse_dir, _ = run([images], tmp_path / "cache", source={"name": "grid", "k": 2})
     fine_dir, _ = run([images], tmp_path / "cache", source=GRID)
-    fewer_dir, _ = run([FakeImages(tmp_path, range(3))], tmp_path / "cache", source=GRID)
-    assert len({coarse_dir, fine_dir, fewer_dir}) == 3
+    more_dir, _ = run([FakeImages(tmp_path, range(6))], tmp_path / "cache", source=GRID)
+    assert len({coarse_dir, fine_dir, more_dir}) == 3
     assert SuperpixelStore(coarse_dir).get(1).max() == 3
     assert SuperpixelStore(fine_dir).get(1).max() == 15
+
+
+def test_a_subset_of_the_images_reuses_a_complete_cache(tmp_path, monkeypatch):
+    """Evaluating on val alone after training on train + val needs no second cache (it took a
+    7-minute SAM recompute before); an incomplete cache, another source config or an image outside
+    the cache still gets its own folder."""
+    train, val = FakeImages(tmp_path, range(10)), FakeImages(tmp_path, range(8, 14), split="val")
+    full_dir, _ = run([train, val], tmp_path / "cache")
+    monkeypatch.setattr(precompute_module, "Trainer", None)  # no computing from here on
+    only_val = FakeImages(tmp_path, range(8, 14), split="val")
+    cache_dir, summary = run([only_val], tmp_path / "cache")
+    assert cache_dir == full_dir and only_val.loads == 0 and summary["images_computed"] == 0
+    assert superpixel_cache_dir([only_val], GRID, tmp_path / "cache") == full_dir
+    assert SuperpixelStore(cache_dir).get(9).shape == only_val.size(9)
+    monkeypatch.undo()
+    outside = FakeImages(tmp_path, range(12, 16), split="val")
+    assert run([outside], tmp_path / "cache")[0] != full_dir
+    assert run([only_val], tmp_path / "cache", source={"name": "grid", "k": 2})[0] != full_dir
+    (full_dir / "shard-00000.npz").unlink()  # an incomplete cache is not reused for others
+    again = FakeImages(tmp_path, range(8, 14), split="val")
+    assert superpixel_cache_dir([again], GRID, tmp_path / "cache") != full_dir
 
 
 def test_instance_masks_only_for_sources_that_need_them(tmp_path):

@@ -27,6 +27,7 @@ from .store import (
     SuperpixelStore,
     cache_dir_for,
     config_hash,
+    find_covering_cache,
     missing_shards,
     open_or_create_cache,
     read_index,
@@ -80,9 +81,15 @@ def data_key_for(datasets: Sequence[ImageDataset]) -> dict[str, Any]:
 def superpixel_cache_dir(
     datasets: Sequence[ImageDataset], source_cfg: Any, cache_root: str | Path
 ) -> Path:
-    """The cache folder `precompute_superpixels` fills for these datasets and this source."""
+    """The cache folder `precompute_superpixels` uses for these datasets and this source: its own,
+    or a complete cache of the same source that covers all their images."""
     identity = source_identity(resolve_source_config(source_cfg))
-    return cache_dir_for(cache_root, identity, data_key_for(datasets))
+    data_key = data_key_for(datasets)
+    own = cache_dir_for(cache_root, identity, data_key)
+    if (own / "meta.json").is_file():
+        return own
+    ids = [i for ds in datasets for i in ds.image_ids]
+    return find_covering_cache(cache_root, identity, data_key, ids) or own
 
 
 def precompute_superpixels(
@@ -109,17 +116,25 @@ def precompute_superpixels(
         raise DataError("no datasets given to precompute superpixels for")
     build_cfg = resolve_source_config(source_cfg)
     identity = source_identity(build_cfg)
+    name = build_cfg["name"]
     owners: dict[Hashable, ImageDataset] = {}
     for ds in datasets:
         for image_id in ds.image_ids:
             owners.setdefault(image_id, ds)
-    cache_dir = open_or_create_cache(
-        cache_root, identity, data_key_for(datasets), list(owners), shard_size
-    )
+    data_key = data_key_for(datasets)
+    cache_dir = cache_dir_for(cache_root, identity, data_key)
+    covering = None
+    if not (cache_dir / "meta.json").is_file():  # e.g. `svp eval data.eval_splits=[val]` after
+        # training on every split: the full cache already holds these images
+        covering = find_covering_cache(cache_root, identity, data_key, list(owners))
+    if covering is not None:
+        total = len(owners)
+        _say(progress, f"superpixel cache {covering} holds all {total} images (source {name})")
+        return covering, _summary(total, 0, 0.0)
+    cache_dir = open_or_create_cache(cache_root, identity, data_key, list(owners), shard_size)
     shards = read_index(cache_dir)
     pending = [(k, shards[k]) for k in missing_shards(cache_dir)]
     total = sum(len(ids) for ids in shards)
-    name = build_cfg["name"]
     if not pending:
         _say(progress, f"superpixel cache {cache_dir} is complete ({total} images, source {name})")
         return cache_dir, _summary(total, 0, 0.0)

@@ -95,6 +95,36 @@ def missing_shards(cache_dir: str | os.PathLike) -> list[int]:
     return [k for k in range(len(shards)) if not shard_path(cache_dir, k).is_file()]
 
 
+def find_covering_cache(
+    cache_root: str | os.PathLike,
+    source_cfg: Mapping[str, Any],
+    data_key: Mapping[str, Any],
+    image_ids: Sequence[Hashable],
+) -> Path | None:
+    """A complete cache under `cache_root` for the same source config, data roots and datasets
+    whose images include every one of `image_ids` — e.g. the train + val + testA + testB cache
+    when only val is asked for — or None. The first such folder by name, so the choice is
+    stable."""
+    source_cfg, data_key = _canonical(source_cfg), _canonical(data_key)
+    wanted = set(_canonical(list(image_ids)))
+    same = ("roots", "datasets")
+    for meta_file in sorted(Path(cache_root).glob(f"{source_cfg['name']}-*/{META_FILE}")):
+        try:
+            meta = _read_json(meta_file)
+            if meta.get("format") != FORMAT or meta.get("config") != source_cfg:
+                continue
+            if any((meta.get("data") or {}).get(k) != data_key.get(k) for k in same):
+                continue
+            cache_dir = meta_file.parent
+            if missing_shards(cache_dir):
+                continue
+            if wanted <= {i for shard in read_index(cache_dir) for i in shard}:
+                return cache_dir
+        except (DataError, ConfigError, OSError, ValueError, KeyError, TypeError):
+            continue  # a damaged or foreign folder is not a candidate
+    return None
+
+
 def open_or_create_cache(
     cache_root: str | os.PathLike,
     source_cfg: Mapping[str, Any],
