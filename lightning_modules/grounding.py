@@ -88,7 +88,9 @@ class GroundingConfig:
     # (area-weighted, as the `semantic` projector pools features into a superpixel) plus the
     # mask's place and size; trained towards the candidate that best overlaps the target, and at
     # evaluation with `argmax` the pointer takes the best-scored candidate. A patch scores what
-    # it shows; a pooled mask scores the whole object. 0 = off
+    # it shows; a pooled mask scores the whole object. With `pointer_vote` > 0 as well, the vote
+    # picks at evaluation and the re-ranker is a training signal only (it reaches the visual
+    # tokens through the pooling). 0 = off
     rerank: int = 0
     rerank_weight: float = 1.0  # weight of the re-ranking loss in the total loss
 

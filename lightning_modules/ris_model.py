@@ -183,11 +183,6 @@ class RISModel(pl.LightningModule):
                 f"grounding.pointer=true to decode their masks; got rerank={g.rerank}, "
                 f"pointer={g.pointer}."
             )
-        if g.rerank > 0 and g.pointer_vote > 0:
-            raise ConfigError(
-                "grounding.rerank and grounding.pointer_vote both pick among decoded candidate "
-                "masks; set one of them to 0."
-            )
         if not g.pointer_smooth >= 0:
             raise ConfigError(
                 "grounding.pointer_smooth is a width (a fraction of the feature grid's side) and "
@@ -384,15 +379,17 @@ class RISModel(pl.LightningModule):
             codes = self._point_codes(centres, batch["images"])
         logits = self.grounding.logits(query, vis, proj.mask, codes)
         extra = {"ground_logits": logits}
+        # with `pointer_vote` as well the vote picks at evaluation: the re-ranker only trains
+        rerank = g.rerank > 0 and (self.training or g.pointer_vote == 0)
         if "masks" in batch:
             cells = grid_targets(batch["masks"], h, w, logits.device)
             extra["ground_target"], extra["ground_valid"] = target_distribution(regions, cells)
-            if g.rerank > 0:
+            if rerank:
                 extra["ground_cells"] = cells
         if self.grounding.point is None:
             return seg_hidden, extra
         rerank_top = None
-        if g.rerank > 0:
+        if rerank:
             rerank_top = self._rerank(seg_hidden, logits, vis, codes, regions, (h, w), batch, extra)
         weights = logits.softmax(-1)
         if self.training and g.teacher_forcing and "ground_target" in extra:

@@ -234,7 +234,6 @@ def test_grounding_head_is_off_for_footprintless_tokens(
         ("grounding.loss=focal", "grounding.loss"),
         ("grounding.pointer_vote=-1", "grounding.pointer_vote"),
         ("grounding.rerank=-2", "grounding.rerank"),
-        ("grounding.rerank=4 grounding.pointer_vote=4", "grounding.rerank"),
         ("grounding.rerank=4 grounding.pointer=false", "grounding.rerank"),
         ("llm.visual_attention=full", "llm.visual_attention"),
     ],
