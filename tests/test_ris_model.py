@@ -180,6 +180,27 @@ def test_grounding_head_trains_and_points(extra, synthref_root, tiny_sam_checkpo
     assert not torch.allclose(moved["mask_logits"][0], out["mask_logits"][0].detach())
 
 
+def test_rerank_trains_and_the_vote_picks(synthref_root, tiny_sam_checkpoint, tmp_path):
+    """With grounding.rerank and grounding.pointer_vote both on, training scores the candidate
+    masks (the re-ranking loss) and evaluation points by the vote, without the re-ranker."""
+    extra = (*SMOOTH_ON, "grounding.rerank=3", "grounding.pointer_vote=3")
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=extra)
+    tok = tokenizer_for(cfg)
+    model = RISModel(cfg, tok)
+    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
+    batch = collate(_items(synthref_root, [2, 5, 3]))
+    with torch.no_grad():
+        trained = model.train()(batch)
+        evaluated = model.eval()(batch)
+    assert trained["rerank_logits"].shape == trained["rerank_iou"].shape == (3, 3)
+    assert "rerank" in model.losses(trained, batch)
+    assert "rerank_logits" not in evaluated and "ground_cells" not in evaluated
+    assert evaluated["point_votes"].shape == (3, 3)
+    top = evaluated["point_scores"].topk(3, -1).indices
+    best = top.gather(1, evaluated["point_votes"].argmax(-1, keepdim=True))[:, 0]
+    assert (evaluated["point_pick"] == best).all()
+
+
 @pytest.mark.parametrize("teacher", ["mixture", "sample"])
 def test_teacher_forcing_points_at_the_target(
     teacher, synthref_root, tiny_sam_checkpoint, tmp_path
