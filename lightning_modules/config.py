@@ -162,6 +162,8 @@ GROUPS = (
     GroupSpec("preset", "tiny"),
     GroupSpec("data", "synthref"),
     GroupSpec("model", "tiny", target=""),
+    # grounding-head recipes on top of the model's (`grounding=patch` for grid-patch tokens)
+    GroupSpec("grounding", "default"),
     GroupSpec("trainer", "cpu"),
     GroupSpec("superpixels", "sam", schemas=_source_schema),
     GroupSpec("projector", "semantic", schemas=_projector_schema),

@@ -94,3 +94,18 @@ def test_groups_are_recorded():
     cfg = load_config(["projector=ldpv2", "superpixels=slic"])
     assert set(cfg.groups) == set(GROUP_NAMES)
     assert cfg.groups["projector"] == "ldpv2" and cfg.groups["superpixels"] == "slic"
+
+
+def test_grounding_recipe_group_overrides_the_model_and_yields_to_the_command_line(tmp_path):
+    """`grounding=patch` merges configs/grounding/patch.yaml over the model's grounding node;
+    dotted overrides still win; a saved run keeps its recipe and can switch it."""
+    plain = load_config(["projector=mlp"])
+    assert plain.groups["grounding"] == "default" and plain.grounding.rerank == 0
+    patch = load_config(["projector=mlp", "grounding=patch", "grounding.pointer_vote=2"])
+    assert patch.grounding.key_geometry and patch.grounding.rerank == 4
+    assert patch.grounding.pointer_vote == 2  # the command line beats the recipe
+    assert patch.grounding.keys_from == plain.grounding.keys_from  # the model's settings stay
+    path = save_config(patch, tmp_path / "config.yaml")
+    assert load_saved_config(path).grounding.rerank == 4
+    back = load_saved_config(path, ["grounding=default"])
+    assert back.grounding.rerank == 0 and back.groups["grounding"] == "default"
