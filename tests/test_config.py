@@ -100,12 +100,13 @@ def test_grounding_recipe_group_overrides_the_model_and_yields_to_the_command_li
     """`grounding=patch` merges configs/grounding/patch.yaml over the model's grounding node;
     dotted overrides still win; a saved run keeps its recipe and can switch it."""
     plain = load_config(["projector=mlp"])
-    assert plain.groups["grounding"] == "default" and plain.grounding.rerank == 0
-    patch = load_config(["projector=mlp", "grounding=patch", "grounding.pointer_vote=2"])
-    assert patch.grounding.key_geometry and patch.grounding.rerank == 4
-    assert patch.grounding.pointer_vote == 2  # the command line beats the recipe
+    assert plain.groups["grounding"] == "default" and plain.grounding.pointer_vote == 0
+    patch = load_config(["projector=mlp", "grounding=patch"])
+    assert patch.grounding.pointer_vote == 4 and patch.groups["grounding"] == "patch"
     assert patch.grounding.keys_from == plain.grounding.keys_from  # the model's settings stay
+    louder = load_config(["projector=mlp", "grounding=patch", "grounding.pointer_vote=2"])
+    assert louder.grounding.pointer_vote == 2  # the command line beats the recipe
     path = save_config(patch, tmp_path / "config.yaml")
-    assert load_saved_config(path).grounding.rerank == 4
+    assert load_saved_config(path).grounding.pointer_vote == 4
     back = load_saved_config(path, ["grounding=default"])
-    assert back.grounding.rerank == 0 and back.groups["grounding"] == "default"
+    assert back.grounding.pointer_vote == 0 and back.groups["grounding"] == "default"
