@@ -24,6 +24,7 @@ from datamodules.errors import DataError
 from .base import SOURCES, build_source, source_config
 from .store import (
     DEFAULT_SHARD_SIZE,
+    META_FILE,
     SuperpixelStore,
     cache_dir_for,
     config_hash,
@@ -84,12 +85,20 @@ def superpixel_cache_dir(
     """The cache folder `precompute_superpixels` uses for these datasets and this source: its own,
     or a complete cache of the same source that covers all their images."""
     identity = source_identity(resolve_source_config(source_cfg))
-    data_key = data_key_for(datasets)
-    own = cache_dir_for(cache_root, identity, data_key)
-    if (own / "meta.json").is_file():
-        return own
     ids = [i for ds in datasets for i in ds.image_ids]
-    return find_covering_cache(cache_root, identity, data_key, ids) or own
+    return _cache_folder(cache_root, identity, data_key_for(datasets), ids)
+
+
+def _cache_folder(
+    cache_root: str | Path, identity: dict, data_key: dict, image_ids: Sequence[Hashable]
+) -> Path:
+    """The request's own cache folder once it exists (complete or not); else a complete cache of
+    the same source that holds every image (`find_covering_cache`); else the own folder, to be
+    created."""
+    own = cache_dir_for(cache_root, identity, data_key)
+    if (own / META_FILE).is_file():
+        return own
+    return find_covering_cache(cache_root, identity, data_key, image_ids) or own
 
 
 def precompute_superpixels(
@@ -122,15 +131,12 @@ def precompute_superpixels(
         for image_id in ds.image_ids:
             owners.setdefault(image_id, ds)
     data_key = data_key_for(datasets)
-    cache_dir = cache_dir_for(cache_root, identity, data_key)
-    covering = None
-    if not (cache_dir / "meta.json").is_file():  # e.g. `svp eval data.eval_splits=[val]` after
-        # training on every split: the full cache already holds these images
-        covering = find_covering_cache(cache_root, identity, data_key, list(owners))
-    if covering is not None:
+    folder = _cache_folder(cache_root, identity, data_key, list(owners))
+    if folder != cache_dir_for(cache_root, identity, data_key):  # e.g. `svp eval
+        # data.eval_splits=[val]` after training on every split: the full cache holds these
         total = len(owners)
-        _say(progress, f"superpixel cache {covering} holds all {total} images (source {name})")
-        return covering, _summary(total, 0, 0.0)
+        _say(progress, f"superpixel cache {folder} holds all {total} images (source {name})")
+        return folder, _summary(total, 0, 0.0)
     cache_dir = open_or_create_cache(cache_root, identity, data_key, list(owners), shard_size)
     shards = read_index(cache_dir)
     pending = [(k, shards[k]) for k in missing_shards(cache_dir)]
