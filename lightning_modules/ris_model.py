@@ -381,16 +381,17 @@ class RISModel(pl.LightningModule):
         extra = {"ground_logits": logits}
         # with `pointer_vote` as well the vote picks at evaluation: the re-ranker only trains
         rerank = g.rerank > 0 and (self.training or g.pointer_vote == 0)
+        cells = None
         if "masks" in batch:
             cells = grid_targets(batch["masks"], h, w, logits.device)
             extra["ground_target"], extra["ground_valid"] = target_distribution(regions, cells)
-            if rerank:
-                extra["ground_cells"] = cells
         if self.grounding.point is None:
             return seg_hidden, extra
         rerank_top = None
         if rerank:
-            rerank_top = self._rerank(seg_hidden, logits, vis, codes, regions, (h, w), batch, extra)
+            rerank_top = self._rerank(
+                seg_hidden, logits, vis, codes, regions, (h, w), batch, cells, extra
+            )
         weights = logits.softmax(-1)
         if self.training and g.teacher_forcing and "ground_target" in extra:
             valid = extra["ground_valid"][:, None]
@@ -446,10 +447,13 @@ class RISModel(pl.LightningModule):
         extra["point_votes"] = votes
         return top.gather(1, votes.argmax(-1, keepdim=True))[:, 0]
 
-    def _rerank(self, seg_hidden, logits, vis, codes, regions, grid, batch, extra) -> torch.Tensor:
+    def _rerank(
+        self, seg_hidden, logits, vis, codes, regions, grid, batch, target_cells, extra
+    ) -> torch.Tensor:
         """Scores (B×K) of the masks decoded from the top `grounding.rerank` tokens, from the
-        visual states pooled inside each; stores them, the candidates and (with target masks)
-        each candidate's grid IoU with the target in `extra`. Returns the candidates' indices."""
+        visual states pooled inside each; stores them and (given the target's grid cells,
+        `target_cells` B×(h·w) or None) each candidate's grid IoU with the target in `extra`.
+        Returns the candidates' indices."""
         with torch.no_grad():  # the candidates are inputs to the re-ranker, not trained through
             top, real, cells = self._candidates(
                 seg_hidden.detach(), logits.detach(), codes, grid, batch, self.cfg.grounding.rerank
@@ -460,8 +464,8 @@ class RISModel(pl.LightningModule):
         extra["rerank_logits"] = self.grounding.rerank_logits(
             seg_hidden, pooled, ccodes, cells.sum(-1) / (h * w), real
         )
-        if "ground_cells" in extra:
-            extra["rerank_iou"] = cell_iou(cells, extra.pop("ground_cells"))
+        if target_cells is not None:
+            extra["rerank_iou"] = cell_iou(cells, target_cells)
         return top
 
     @staticmethod
