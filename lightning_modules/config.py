@@ -163,7 +163,7 @@ GROUPS = (
     GroupSpec("data", "synthref"),
     GroupSpec("model", "tiny", target=""),
     # grounding-head recipes on top of the model's (`grounding=patch` for grid-patch tokens)
-    GroupSpec("grounding", "default"),
+    GroupSpec("grounding", "default", overlay=True),
     GroupSpec("trainer", "cpu"),
     GroupSpec("superpixels", "sam", schemas=_source_schema),
     GroupSpec("projector", "semantic", schemas=_projector_schema),
@@ -190,17 +190,38 @@ def rebase_config(
     """`saved` (a resolved config as a dict) with `overrides` applied on top.
 
     A group selection in `overrides` (e.g. `projector=pool`) replaces that group's saved node with
-    the new choice's defaults; dotted overrides are merged last.
+    the new choice's defaults — except for an overlay group (`grounding=patch`), whose new recipe
+    replaces the old recipe's values only: the saved run's own settings of that node (those that
+    differ from what its groups alone give, e.g. `grounding.rerank=4`) stay, as its weights need
+    them. Dotted overrides are merged last.
     """
     saved = dict(saved)
     choices, values = split_overrides(list(overrides), GROUP_NAMES)
-    groups = {**(saved.pop("groups", None) or {}), **choices}
-    cfg = load_config([f"{k}={v}" for k, v in groups.items() if k in GROUP_NAMES])
+    saved_groups = {k: v for k, v in (saved.pop("groups", None) or {}).items() if k in GROUP_NAMES}
+    groups = {**saved_groups, **choices}
+    cfg = load_config([f"{k}={v}" for k, v in groups.items()])
+    overlays = {g.name for g in GROUPS if g.overlay}
     for group in choices:  # a newly chosen group replaces the saved node of that group
-        saved.pop(group, None)
+        node = saved.pop(group, None)
+        if group in overlays and isinstance(node, dict) and group in saved_groups:
+            built = load_config([f"{k}={v}" for k, v in saved_groups.items()])
+            saved[group] = _changed(node, resolved_dict(built)[group])
     merge_into(cfg, saved, where)
     merge_into(cfg, OmegaConf.from_dotlist(values), "command line")
     return cfg
+
+
+def _changed(values: dict, base: dict) -> dict:
+    """The entries of `values` that differ from `base` (nested mappings compared key by key)."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            sub = _changed(value, base[key])
+            if sub:
+                out[key] = sub
+        elif key not in base or base[key] != value:
+            out[key] = value
+    return out
 
 
 def resolved_dict(cfg: DictConfig) -> dict:

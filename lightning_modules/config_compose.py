@@ -31,12 +31,16 @@ class GroupSpec:
       default: the choice when neither the command line nor the preset picks one.
       target: the config node the YAML is merged into (None = the group's name, "" = the root).
       schemas: for polymorphic groups, a function choice -> dataclass schema of the node.
+      overlay: the group's YAML is a recipe merged over a node that another group builds (the
+        model's `grounding:`), not a component of its own: choosing another recipe for a saved
+        run swaps the recipe's values and keeps the run's own dotted settings of that node.
     """
 
     name: str
     default: str
     target: str | None = None
     schemas: Callable[[str], type] | None = None
+    overlay: bool = False
 
 
 def group_choices(group: str, config_root: Path = CONFIG_ROOT) -> list[str]:

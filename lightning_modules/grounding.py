@@ -39,6 +39,7 @@ from torch import Tensor, nn
 GROUNDING_KEYS = ("llm", "tokens")
 POINTER_EVAL = ("soft", "argmax")
 TEACHER_POINTERS = ("mixture", "sample")
+RERANK_SOURCES = ("tokens", "features")
 GROUNDING_LOSSES = ("soft_ce", "mass")
 
 
@@ -93,6 +94,12 @@ class GroundingConfig:
     # tokens through the pooling). 0 = off
     rerank: int = 0
     rerank_weight: float = 1.0  # weight of the re-ranking loss in the total loss
+    # what the re-ranker pools inside each candidate mask: `tokens` = the visual states the
+    # pointer scores (`keys_from`), `features` = the vision tower's features themselves, before
+    # the projector — a mean of the tower's states over an object is what the `semantic`
+    # projector makes each token from (and what the tiny preset's SAM was pre-trained to read
+    # shape, size, colour and texture from); a mean of the projected patches is not
+    rerank_from: str = "tokens"
 
     @property
     def enabled(self) -> bool:
@@ -145,6 +152,7 @@ class GroundingHead(nn.Module):
         fusion_heads: int = 4,
         key_geometry: bool = False,
         rerank: bool = False,
+        rerank_in: int | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -161,10 +169,14 @@ class GroundingHead(nn.Module):
             # role of each slot: [SEG] query, visual token, sentence token
             self.role = nn.Parameter(torch.randn(3, hidden) * 0.02)
         self.rerank_query = nn.Linear(hidden, dim) if rerank else None
+        # the pooled states (width `rerank_in`, default the LLM's), normalised: the tower's
+        # features are on their own scale
+        pooled = hidden if rerank_in is None else int(rerank_in)
+        self.rerank_norm = nn.LayerNorm(pooled) if rerank and rerank_in is not None else None
         # pooled state ⊕ the mask centroid's point code ⊕ log of the mask's share of the grid
         self.rerank_key = (
             nn.Sequential(
-                nn.Linear(hidden + pe_dim + 1, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
+                nn.Linear(pooled + pe_dim + 1, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
             )
             if rerank
             else None
@@ -209,6 +221,8 @@ class GroundingHead(nn.Module):
         """B×K scores of K candidate masks (their pooled states B×K×D, centroid point codes
         B×K×C and shares of the grid B×K) against the B×D [SEG] states; −inf where not `real`."""
         q = self.rerank_query(seg_hidden)
+        if self.rerank_norm is not None:
+            pooled = self.rerank_norm(pooled)
         x = torch.cat([pooled, codes, area.clamp(min=1e-4).log()[..., None]], -1)
         scores = (self.rerank_key(x) @ q[..., None]).squeeze(-1) / math.sqrt(self.dim)
         return scores.masked_fill(~real, -math.inf)
@@ -277,6 +291,13 @@ def pool_in_masks(states: Tensor, regions: Tensor, cells: Tensor) -> Tensor:
     overlap = regions @ cells.transpose(1, 2)  # B×N×K, in cells
     weights = overlap / overlap.sum(1, keepdim=True).clamp(min=1e-12)
     return weights.transpose(1, 2) @ states
+
+
+def pool_cells(states: Tensor, cells: Tensor) -> Tensor:
+    """B×K×C: the mean of the B×(h·w)×C grid states over each of K masks (`cells` B×K×(h·w)
+    fractions), each cell weighted by its fraction inside; zeros for an empty mask."""
+    weights = cells / cells.sum(-1, keepdim=True).clamp(min=1e-12)
+    return weights @ states
 
 
 def cell_iou(cells: Tensor, target: Tensor) -> Tensor:

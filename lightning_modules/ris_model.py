@@ -21,6 +21,7 @@ from lightning_modules.grounding import (
     GROUNDING_KEYS,
     GROUNDING_LOSSES,
     POINTER_EVAL,
+    RERANK_SOURCES,
     TEACHER_POINTERS,
     GroundingHead,
     cell_iou,
@@ -28,6 +29,7 @@ from lightning_modules.grounding import (
     grounding_loss,
     mask_votes,
     picked_hits,
+    pool_cells,
     pool_in_masks,
     rerank_loss,
     sample_targets,
@@ -183,6 +185,11 @@ class RISModel(pl.LightningModule):
                 f"grounding.pointer=true to decode their masks; got rerank={g.rerank}, "
                 f"pointer={g.pointer}."
             )
+        if g.rerank_from not in RERANK_SOURCES:
+            raise ConfigError(
+                f"grounding.rerank_from must be one of {', '.join(RERANK_SOURCES)}, "
+                f"got {g.rerank_from!r}."
+            )
         if not g.pointer_smooth >= 0:
             raise ConfigError(
                 "grounding.pointer_smooth is a width (a fraction of the feature grid's side) and "
@@ -205,6 +212,7 @@ class RISModel(pl.LightningModule):
                     fusion_heads=int(g.fusion_heads),
                     key_geometry=bool(g.key_geometry),
                     rerank=g.rerank > 0,
+                    rerank_in=self.tower.out_channels if g.rerank_from == "features" else None,
                 )
             else:
                 rank_zero_warn(
@@ -389,8 +397,9 @@ class RISModel(pl.LightningModule):
             return seg_hidden, extra
         rerank_top = None
         if rerank:
+            pooled = vis if g.rerank_from == "tokens" else feats.float().flatten(2).transpose(1, 2)
             rerank_top = self._rerank(
-                seg_hidden, logits, vis, codes, regions, (h, w), batch, cells, extra
+                seg_hidden, logits, pooled, codes, regions, (h, w), batch, cells, extra
             )
         weights = logits.softmax(-1)
         if self.training and g.teacher_forcing and "ground_target" in extra:
@@ -448,17 +457,21 @@ class RISModel(pl.LightningModule):
         return top.gather(1, votes.argmax(-1, keepdim=True))[:, 0]
 
     def _rerank(
-        self, seg_hidden, logits, vis, codes, regions, grid, batch, target_cells, extra
+        self, seg_hidden, logits, states, codes, regions, grid, batch, target_cells, extra
     ) -> torch.Tensor:
         """Scores (B×K) of the masks decoded from the top `grounding.rerank` tokens, from the
-        visual states pooled inside each; stores them and (given the target's grid cells,
-        `target_cells` B×(h·w) or None) each candidate's grid IoU with the target in `extra`.
-        Returns the candidates' indices."""
+        `states` pooled inside each (the visual states B×N×D, one per token footprint in
+        `regions`, or with `grounding.rerank_from=features` the tower's grid B×(h·w)×C); stores
+        them and (given the target's grid cells, `target_cells` B×(h·w) or None) each
+        candidate's grid IoU with the target in `extra`. Returns the candidates' indices."""
         with torch.no_grad():  # the candidates are inputs to the re-ranker, not trained through
             top, real, cells = self._candidates(
                 seg_hidden.detach(), logits.detach(), codes, grid, batch, self.cfg.grounding.rerank
             )
-        pooled = pool_in_masks(vis, regions, cells)
+        if self.cfg.grounding.rerank_from == "features":
+            pooled = pool_cells(states, cells)
+        else:
+            pooled = pool_in_masks(states, regions, cells)
         h, w = grid
         ccodes = self._point_codes(token_centroids(cells, h, w), batch["images"])
         extra["rerank_logits"] = self.grounding.rerank_logits(

@@ -110,3 +110,22 @@ def test_grounding_recipe_group_overrides_the_model_and_yields_to_the_command_li
     assert load_saved_config(path).grounding.pointer_vote == 4
     back = load_saved_config(path, ["grounding=default"])
     assert back.grounding.pointer_vote == 0 and back.groups["grounding"] == "default"
+
+
+def test_a_new_grounding_recipe_keeps_the_saved_runs_own_grounding_settings(tmp_path):
+    """A run trained with `grounding.rerank=4` has re-ranker weights: evaluating it with
+    `grounding=patch` adds the recipe's vote and keeps the re-ranker (and back again), while a new
+    projector still replaces the saved projector node whole."""
+    run = load_config(["projector=mlp", "grounding.rerank=4", "grounding.rerank_from=features"])
+    path = save_config(run, tmp_path / "config.yaml")
+    voted = load_saved_config(path, ["grounding=patch"])
+    assert voted.grounding.pointer_vote == 4 and voted.groups["grounding"] == "patch"
+    assert voted.grounding.rerank == 4 and voted.grounding.rerank_from == "features"
+    back = load_saved_config(save_config(voted, tmp_path / "voted.yaml"), ["grounding=default"])
+    assert back.grounding.pointer_vote == 0 and back.grounding.rerank == 4
+    # a setting the new recipe sets and the run also set on its own: the run's value stays
+    own = load_config(["projector=mlp", "grounding.pointer_vote=2"])
+    kept = load_saved_config(save_config(own, tmp_path / "own.yaml"), ["grounding=patch"])
+    assert kept.grounding.pointer_vote == 2
+    pool = load_saved_config(path, ["projector=pool"])
+    assert pool.projector.name == "pool" and pool.grounding.rerank == 4

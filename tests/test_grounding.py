@@ -11,6 +11,7 @@ from lightning_modules.grounding import (
     grounding_loss,
     mask_votes,
     pointing_hits,
+    pool_cells,
     pool_in_masks,
     rerank_loss,
     sample_targets,
@@ -241,6 +242,14 @@ def test_pool_in_masks_is_the_area_weighted_mean_inside_each_mask():
     cells = torch.tensor([[[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]]])
     pooled = pool_in_masks(states, regions, cells)
     torch.testing.assert_close(pooled, torch.tensor([[[1.0, 2.0], [6.0, 6.0], [0.0, 0.0]]]))
+
+
+def test_pool_cells_is_the_fraction_weighted_mean_of_the_grid():
+    """Grid states [2, 0], [0, 4], [6, 6], [1, 1]; a mask over all of cells 0–1 and half of cell 2
+    pools (1·[2, 0] + 1·[0, 4] + 0.5·[6, 6]) / 2.5 = [2, 2.8]; an empty mask pools to zeros."""
+    states = torch.tensor([[[2.0, 0.0], [0.0, 4.0], [6.0, 6.0], [1.0, 1.0]]])
+    cells = torch.tensor([[[1.0, 1.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    torch.testing.assert_close(pool_cells(states, cells), torch.tensor([[[2.0, 2.8], [0.0, 0.0]]]))
 
 
 def test_cell_iou_by_hand():

@@ -57,6 +57,7 @@ BIDIRECTIONAL = (*GROUNDING_ON, "llm.visual_attention=bidirectional")
 SMOOTH_ON = (*GROUNDING_ON, "grounding.pointer_eval=argmax", "grounding.pointer_smooth=0.3")
 VOTE_ON = (*SMOOTH_ON, "grounding.pointer_vote=6")  # > the first sample's 4 tokens
 RERANK_ON = (*SMOOTH_ON, "grounding.rerank=6")
+RERANK_FEATURES = (*RERANK_ON, "grounding.rerank_from=features")
 
 
 def _wake_fusion(model) -> None:
@@ -70,8 +71,28 @@ def _wake_fusion(model) -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [LISA_ONLY, GROUNDING_ON, FUSION_ON, GEOMETRY_ON, SMOOTH_ON, VOTE_ON, RERANK_ON, BIDIRECTIONAL],
-    ids=["lisa", "grounding", "fusion", "geometry", "smooth", "vote", "rerank", "bidirectional"],
+    [
+        LISA_ONLY,
+        GROUNDING_ON,
+        FUSION_ON,
+        GEOMETRY_ON,
+        SMOOTH_ON,
+        VOTE_ON,
+        RERANK_ON,
+        RERANK_FEATURES,
+        BIDIRECTIONAL,
+    ],
+    ids=[
+        "lisa",
+        "grounding",
+        "fusion",
+        "geometry",
+        "smooth",
+        "vote",
+        "rerank",
+        "rerank_features",
+        "bidirectional",
+    ],
 )
 def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
     torch.manual_seed(0)
@@ -107,7 +128,8 @@ def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path)
         torch.testing.assert_close(
             alone["point_votes"][0], batched["point_votes"][0, :4], atol=1e-5, rtol=0
         )
-    if extra == RERANK_ON:  # the re-ranker scores the same 4 candidate masks batched or alone
+    if extra in (RERANK_ON, RERANK_FEATURES):
+        # the re-ranker scores the same 4 candidate masks batched or alone
         assert alone["point_pick"][0] == batched["point_pick"][0]
         assert torch.isinf(batched["rerank_logits"][0, 4:]).all()
         torch.testing.assert_close(
@@ -116,7 +138,8 @@ def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path)
         torch.testing.assert_close(
             alone["rerank_iou"][0], batched["rerank_iou"][0, :4], atol=1e-5, rtol=0
         )
-    if extra in (SMOOTH_ON, VOTE_ON, RERANK_ON):  # the smoothed pointer scores ignore padding
+    if extra in (SMOOTH_ON, VOTE_ON, RERANK_ON, RERANK_FEATURES):
+        # the smoothed pointer scores ignore padding
         torch.testing.assert_close(
             alone["point_scores"][0], batched["point_scores"][0, :4], atol=1e-5, rtol=0
         )
@@ -144,8 +167,14 @@ def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, t
 
 @pytest.mark.parametrize(
     "extra",
-    [GROUNDING_ON, FUSION_ON, GEOMETRY_ON, (*GROUNDING_ON, "grounding.rerank=3")],
-    ids=["grounding", "fusion", "geometry", "rerank"],
+    [
+        GROUNDING_ON,
+        FUSION_ON,
+        GEOMETRY_ON,
+        (*GROUNDING_ON, "grounding.rerank=3"),
+        (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_from=features"),
+    ],
+    ids=["grounding", "fusion", "geometry", "rerank", "rerank_features"],
 )
 def test_grounding_head_trains_and_points(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
     """The grounding loss is in the total, every head parameter gets a gradient, and the pointer
@@ -256,6 +285,7 @@ def test_grounding_head_is_off_for_footprintless_tokens(
         ("grounding.pointer_vote=-1", "grounding.pointer_vote"),
         ("grounding.rerank=-2", "grounding.rerank"),
         ("grounding.rerank=4 grounding.pointer=false", "grounding.rerank"),
+        ("grounding.rerank=4 grounding.rerank_from=pixels", "grounding.rerank_from"),
         ("llm.visual_attention=full", "llm.visual_attention"),
     ],
 )
