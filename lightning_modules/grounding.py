@@ -100,6 +100,10 @@ class GroundingConfig:
     # projector makes each token from (and what the tiny preset's SAM was pre-trained to read
     # shape, size, colour and texture from); a mean of the projected patches is not
     rerank_from: str = "tokens"
+    # add the vote's evidence to the re-ranker's scores: a learned weight (starting at 1) times
+    # the log of the softmax mass inside each candidate (`mask_votes`), so the re-ranker starts
+    # as the vote and learns what the pooled object adds to it
+    rerank_vote: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -153,6 +157,7 @@ class GroundingHead(nn.Module):
         key_geometry: bool = False,
         rerank: bool = False,
         rerank_in: int | None = None,
+        rerank_vote: bool = False,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -173,6 +178,8 @@ class GroundingHead(nn.Module):
         # features are on their own scale
         pooled = hidden if rerank_in is None else int(rerank_in)
         self.rerank_norm = nn.LayerNorm(pooled) if rerank and rerank_in is not None else None
+        # weight of the vote's log mass in the re-ranker's scores (`rerank_vote`)
+        self.rerank_vote = nn.Parameter(torch.ones(())) if rerank and rerank_vote else None
         # pooled state ⊕ the mask centroid's point code ⊕ log of the mask's share of the grid
         self.rerank_key = (
             nn.Sequential(
@@ -216,15 +223,27 @@ class GroundingHead(nn.Module):
         return scores.masked_fill(~mask, -math.inf)
 
     def rerank_logits(
-        self, seg_hidden: Tensor, pooled: Tensor, codes: Tensor, area: Tensor, real: Tensor
+        self,
+        seg_hidden: Tensor,
+        pooled: Tensor,
+        codes: Tensor,
+        area: Tensor,
+        real: Tensor,
+        votes: Tensor | None = None,
     ) -> Tensor:
         """B×K scores of K candidate masks (their pooled states B×K×D, centroid point codes
-        B×K×C and shares of the grid B×K) against the B×D [SEG] states; −inf where not `real`."""
+        B×K×C and shares of the grid B×K) against the B×D [SEG] states; −inf where not `real`.
+        With `rerank_vote`, plus the learned weight × log of `votes` (B×K softmax mass inside each
+        candidate, `mask_votes`)."""
         q = self.rerank_query(seg_hidden)
         if self.rerank_norm is not None:
             pooled = self.rerank_norm(pooled)
         x = torch.cat([pooled, codes, area.clamp(min=1e-4).log()[..., None]], -1)
         scores = (self.rerank_key(x) @ q[..., None]).squeeze(-1) / math.sqrt(self.dim)
+        if self.rerank_vote is not None:
+            if votes is None:
+                raise ValueError("rerank_vote needs the candidates' vote mass")
+            scores = scores + self.rerank_vote * votes.clamp(min=1e-6).log()
         return scores.masked_fill(~real, -math.inf)
 
     def point_code(self, weights: Tensor, codes: Tensor) -> Tensor:

@@ -213,6 +213,7 @@ class RISModel(pl.LightningModule):
                     key_geometry=bool(g.key_geometry),
                     rerank=g.rerank > 0,
                     rerank_in=self.tower.out_channels if g.rerank_from == "features" else None,
+                    rerank_vote=bool(g.rerank_vote),
                 )
             else:
                 rank_zero_warn(
@@ -474,8 +475,11 @@ class RISModel(pl.LightningModule):
             pooled = pool_in_masks(states, regions, cells)
         h, w = grid
         ccodes = self._point_codes(token_centroids(cells, h, w), batch["images"])
+        votes = None
+        if self.grounding.rerank_vote is not None:
+            votes = mask_votes(logits.detach().float().softmax(-1), regions, cells)
         extra["rerank_logits"] = self.grounding.rerank_logits(
-            seg_hidden, pooled, ccodes, cells.sum(-1) / (h * w), real
+            seg_hidden, pooled, ccodes, cells.sum(-1) / (h * w), real, votes
         )
         if target_cells is not None:
             extra["rerank_iou"] = cell_iou(cells, target_cells)

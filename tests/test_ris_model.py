@@ -57,7 +57,7 @@ BIDIRECTIONAL = (*GROUNDING_ON, "llm.visual_attention=bidirectional")
 SMOOTH_ON = (*GROUNDING_ON, "grounding.pointer_eval=argmax", "grounding.pointer_smooth=0.3")
 VOTE_ON = (*SMOOTH_ON, "grounding.pointer_vote=6")  # > the first sample's 4 tokens
 RERANK_ON = (*SMOOTH_ON, "grounding.rerank=6")
-RERANK_FEATURES = (*RERANK_ON, "grounding.rerank_from=features")
+RERANK_FEATURES = (*RERANK_ON, "grounding.rerank_from=features", "grounding.rerank_vote=true")
 
 
 def _wake_fusion(model) -> None:
@@ -465,3 +465,39 @@ def test_feature_cache_keys_name_the_data_set(synthref_root, tiny_sam_checkpoint
     assert first.sam_features.key == again.sam_features.key
     assert moved.tower_features.key != first.tower_features.key
     assert moved.sam_features.key != first.sam_features.key
+
+
+def test_rerank_vote_starts_as_the_vote(synthref_root, tiny_sam_checkpoint, tmp_path):
+    """With grounding.rerank_vote, the re-ranker's scores are its own plus the weight (1 at
+    first) × the log of the vote's mass in each candidate: with its own part at zero it picks
+    what `pointer_vote` picks, and the weight gets a gradient from the re-ranking loss."""
+    torch.manual_seed(0)
+    extra = (
+        *GROUNDING_ON,
+        "grounding.pointer_eval=argmax",
+        "grounding.rerank=3",
+        "grounding.rerank_from=features",
+        "grounding.rerank_vote=true",
+    )
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=extra)
+    tok = tokenizer_for(cfg)
+    model = RISModel(cfg, tok)
+    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
+    batch = collate(_items(synthref_root, [2, 5, 3]))
+    out = model.train()(batch, decode=False)
+    out["rerank_iou"] = torch.tensor([[0.0, 0.9, 0.1]]).expand(3, 3)
+    model.losses({**out, "mask_logits": [m.float() for m in batch["masks"]]}, batch)[
+        "rerank"
+    ].backward()
+    assert model.grounding.rerank_vote.grad is not None and model.grounding.rerank_vote.grad != 0
+    with torch.no_grad():
+        last = model.grounding.rerank_key[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+        reranked = model.eval()(batch, decode=False)
+        model.cfg.grounding.pointer_vote = 3
+        voted = model(batch, decode=False)
+    torch.testing.assert_close(
+        reranked["rerank_logits"], voted["point_votes"].clamp(min=1e-6).log(), atol=1e-5, rtol=0
+    )
+    assert (reranked["point_pick"] == voted["point_pick"]).all()
