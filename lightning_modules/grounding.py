@@ -104,6 +104,11 @@ class GroundingConfig:
     # the log of the softmax mass inside each candidate (`mask_votes`), so the re-ranker starts
     # as the vote and learns what the pooled object adds to it
     rerank_vote: bool = False
+    # add each candidate mask's outline to what the re-ranker reads: its bbox, centroid and the
+    # share of each of s×s bins of its bbox that it covers (the `semantic` projector's SSPE shape
+    # code, `superpixel_geometry`), s = `rerank_shape`; patches do not show an object's shape,
+    # a decoded mask does. 0 = off
+    rerank_shape: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -158,6 +163,7 @@ class GroundingHead(nn.Module):
         rerank: bool = False,
         rerank_in: int | None = None,
         rerank_vote: bool = False,
+        rerank_geometry: int = 0,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -181,10 +187,10 @@ class GroundingHead(nn.Module):
         # weight of the vote's log mass in the re-ranker's scores (`rerank_vote`)
         self.rerank_vote = nn.Parameter(torch.ones(())) if rerank and rerank_vote else None
         # pooled state ⊕ the mask centroid's point code ⊕ log of the mask's share of the grid
+        # (⊕ the mask's geometry and shape code, `rerank_geometry` wide, with `rerank_shape`)
+        width = pooled + pe_dim + 1 + int(rerank_geometry)
         self.rerank_key = (
-            nn.Sequential(
-                nn.Linear(pooled + pe_dim + 1, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
-            )
+            nn.Sequential(nn.Linear(width, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
             if rerank
             else None
         )
@@ -230,15 +236,19 @@ class GroundingHead(nn.Module):
         area: Tensor,
         real: Tensor,
         votes: Tensor | None = None,
+        geometry: Tensor | None = None,
     ) -> Tensor:
         """B×K scores of K candidate masks (their pooled states B×K×D, centroid point codes
         B×K×C and shares of the grid B×K) against the B×D [SEG] states; −inf where not `real`.
         With `rerank_vote`, plus the learned weight × log of `votes` (B×K softmax mass inside each
-        candidate, `mask_votes`)."""
+        candidate, `mask_votes`); with `rerank_shape`, `geometry` (B×K×G) joins the inputs."""
         q = self.rerank_query(seg_hidden)
         if self.rerank_norm is not None:
             pooled = self.rerank_norm(pooled)
-        x = torch.cat([pooled, codes, area.clamp(min=1e-4).log()[..., None]], -1)
+        parts = [pooled, codes, area.clamp(min=1e-4).log()[..., None]]
+        if geometry is not None:
+            parts.append(geometry.to(pooled.dtype))
+        x = torch.cat(parts, -1)
         scores = (self.rerank_key(x) @ q[..., None]).squeeze(-1) / math.sqrt(self.dim)
         if self.rerank_vote is not None:
             if votes is None:

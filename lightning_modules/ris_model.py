@@ -37,7 +37,13 @@ from lightning_modules.grounding import (
     target_distribution,
     token_centroids,
 )
-from lightning_modules.mask_decoding import SegPromptHead, decode_masks, dice_loss
+from lightning_modules.mask_decoding import (
+    SegPromptHead,
+    decode_masks,
+    dice_loss,
+    mask_geometry,
+    mask_geometry_dim,
+)
 from lightning_modules.metrics import CIoU, GIoU, token_stats
 
 # Frozen-feature memory shared by every model in the process (sweeps run many trials in one
@@ -185,6 +191,11 @@ class RISModel(pl.LightningModule):
                 f"grounding.pointer=true to decode their masks; got rerank={g.rerank}, "
                 f"pointer={g.pointer}."
             )
+        if g.rerank_shape < 0:
+            raise ConfigError(
+                "grounding.rerank_shape is the side of the candidate masks' shape code and must "
+                f"be ≥ 0 (0 = off); got {g.rerank_shape}."
+            )
         if g.rerank_from not in RERANK_SOURCES:
             raise ConfigError(
                 f"grounding.rerank_from must be one of {', '.join(RERANK_SOURCES)}, "
@@ -214,6 +225,7 @@ class RISModel(pl.LightningModule):
                     rerank=g.rerank > 0,
                     rerank_in=self.tower.out_channels if g.rerank_from == "features" else None,
                     rerank_vote=bool(g.rerank_vote),
+                    rerank_geometry=mask_geometry_dim(g.rerank_shape) if g.rerank_shape else 0,
                 )
             else:
                 rank_zero_warn(
@@ -424,8 +436,9 @@ class RISModel(pl.LightningModule):
 
     def _candidates(self, seg_hidden, scores, codes, grid, batch, k) -> tuple:
         """The top-`k` tokens by `scores` (B×K indices), which of them are real tokens (B×K; a
-        sample with fewer tokens gets padding slots), and the masks decoded from pointing at each
-        (B×K×(h·w): the fraction of each feature-grid cell inside the mask)."""
+        sample with fewer tokens gets padding slots), the masks decoded from pointing at each
+        (B×K×(h·w): the fraction of each feature-grid cell inside the mask), and per image the
+        masks themselves (K×h'×w' bool at SAM's low resolution, the image's part of its frame)."""
         b, n = scores.shape
         k = min(int(k), n)
         top = scores.topk(k, -1).indices
@@ -436,20 +449,21 @@ class RISModel(pl.LightningModule):
         embed = self.sam_features(images, batch["image_ids"], batch.get("views"))
         low = decode_masks(self.sam, embed.repeat_interleave(k, 0), prompts.flatten(0, 1))
         low = low.view(b, k, *low.shape[-2:])
-        size, cells = self.sam.image_encoder.img_size, []
+        size, cells, masks = self.sam.image_encoder.img_size, [], []
         for i, img in enumerate(images):  # the image's part of SAM's padded frame, on the grid
             rh, rw = self._resized_size(int(img.shape[0]), int(img.shape[1]))
             hh = max(1, round(rh / size * low.shape[-2]))
             ww = max(1, round(rw / size * low.shape[-1]))
-            inside = (low[i, :, :hh, :ww] > 0).float()[:, None]
-            cells.append(F.adaptive_avg_pool2d(inside, grid).flatten(1))
-        return top, real, torch.stack(cells)
+            inside = low[i, :, :hh, :ww] > 0
+            masks.append(inside)
+            cells.append(F.adaptive_avg_pool2d(inside.float()[:, None], grid).flatten(1))
+        return top, real, torch.stack(cells), masks
 
     def _vote(self, seg_hidden, logits, extra, codes, regions, grid, batch) -> torch.Tensor:
         """B token indices: of the top `grounding.pointer_vote` tokens, the one whose decoded
         mask holds the most softmax mass (`mask_votes`)."""
         scores = extra.get("point_scores", logits)
-        top, real, cells = self._candidates(
+        top, real, cells, _ = self._candidates(
             seg_hidden, scores, codes, grid, batch, self.cfg.grounding.pointer_vote
         )
         votes = mask_votes(logits.float().softmax(-1), regions, cells)
@@ -466,9 +480,13 @@ class RISModel(pl.LightningModule):
         them and (given the target's grid cells, `target_cells` B×(h·w) or None) each
         candidate's grid IoU with the target in `extra`. Returns the candidates' indices."""
         with torch.no_grad():  # the candidates are inputs to the re-ranker, not trained through
-            top, real, cells = self._candidates(
+            top, real, cells, masks = self._candidates(
                 seg_hidden.detach(), logits.detach(), codes, grid, batch, self.cfg.grounding.rerank
             )
+            geometry = None
+            if self.cfg.grounding.rerank_shape > 0:
+                s = int(self.cfg.grounding.rerank_shape)
+                geometry = torch.stack([mask_geometry(m, s) for m in masks])
         if self.cfg.grounding.rerank_from == "features":
             pooled = pool_cells(states, cells)
         else:
@@ -479,7 +497,7 @@ class RISModel(pl.LightningModule):
         if self.grounding.rerank_vote is not None:
             votes = mask_votes(logits.detach().float().softmax(-1), regions, cells)
         extra["rerank_logits"] = self.grounding.rerank_logits(
-            seg_hidden, pooled, ccodes, cells.sum(-1) / (h * w), real, votes
+            seg_hidden, pooled, ccodes, cells.sum(-1) / (h * w), real, votes, geometry
         )
         if target_cells is not None:
             extra["rerank_iou"] = cell_iou(cells, target_cells)

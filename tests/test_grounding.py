@@ -252,6 +252,26 @@ def test_pool_cells_is_the_fraction_weighted_mean_of_the_grid():
     torch.testing.assert_close(pool_cells(states, cells), torch.tensor([[[2.0, 2.8], [0.0, 0.0]]]))
 
 
+def test_mask_geometry_reads_a_mask_as_sspe_reads_a_superpixel():
+    """An 8×8 frame: a 4×4 square at rows 2–5, cols 0–3 has bbox (0, 0.25, 0.5, 0.75), centroid
+    (0.25, 0.5) and a full 2×2 shape code; a triangle (the lower-left half of a 4×4 box, with its
+    diagonal) fills its bins 3/4, 0, 1, 3/4; an empty mask gives zeros."""
+    from lightning_modules.mask_decoding import mask_geometry, mask_geometry_dim
+
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[0, 2:6, 0:4] = True
+    for r in range(4):
+        masks[1, 4 + r, 4 : 4 + r + 1] = True  # lower-left triangle with the diagonal
+    geo = mask_geometry(masks, 2)
+    assert geo.shape == (3, mask_geometry_dim(2)) == (3, 11)
+    torch.testing.assert_close(geo[0, :6], torch.tensor([0.0, 0.25, 0.5, 0.75, 0.25, 0.5]))
+    torch.testing.assert_close(geo[0, 7:], torch.ones(4))
+    # the triangle's bins of 2×2 pixels: top-left holds 1 + 2 of 4, top-right none, bottom-left
+    # all, bottom-right 1 + 2
+    torch.testing.assert_close(geo[1, 7:], torch.tensor([0.75, 0.0, 1.0, 0.75]))
+    assert (geo[2] == 0).all()
+
+
 def test_cell_iou_by_hand():
     target = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     cells = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.5, 0.0, 0.0, 0.0]]])

@@ -57,7 +57,12 @@ BIDIRECTIONAL = (*GROUNDING_ON, "llm.visual_attention=bidirectional")
 SMOOTH_ON = (*GROUNDING_ON, "grounding.pointer_eval=argmax", "grounding.pointer_smooth=0.3")
 VOTE_ON = (*SMOOTH_ON, "grounding.pointer_vote=6")  # > the first sample's 4 tokens
 RERANK_ON = (*SMOOTH_ON, "grounding.rerank=6")
-RERANK_FEATURES = (*RERANK_ON, "grounding.rerank_from=features", "grounding.rerank_vote=true")
+RERANK_FEATURES = (
+    *RERANK_ON,
+    "grounding.rerank_from=features",
+    "grounding.rerank_vote=true",
+    "grounding.rerank_shape=3",
+)
 
 
 def _wake_fusion(model) -> None:
@@ -173,8 +178,9 @@ def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, t
         GEOMETRY_ON,
         (*GROUNDING_ON, "grounding.rerank=3"),
         (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_from=features"),
+        (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_shape=4"),
     ],
-    ids=["grounding", "fusion", "geometry", "rerank", "rerank_features"],
+    ids=["grounding", "fusion", "geometry", "rerank", "rerank_features", "rerank_shape"],
 )
 def test_grounding_head_trains_and_points(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
     """The grounding loss is in the total, every head parameter gets a gradient, and the pointer
@@ -286,6 +292,7 @@ def test_grounding_head_is_off_for_footprintless_tokens(
         ("grounding.rerank=-2", "grounding.rerank"),
         ("grounding.rerank=4 grounding.pointer=false", "grounding.rerank"),
         ("grounding.rerank=4 grounding.rerank_from=pixels", "grounding.rerank_from"),
+        ("grounding.rerank=4 grounding.rerank_shape=-1", "grounding.rerank_shape"),
         ("llm.visual_attention=full", "llm.visual_attention"),
     ],
 )
