@@ -40,6 +40,7 @@ GROUNDING_KEYS = ("llm", "tokens")
 POINTER_EVAL = ("soft", "argmax")
 TEACHER_POINTERS = ("mixture", "sample")
 RERANK_SOURCES = ("tokens", "features")
+RERANK_QUERIES = ("seg", "words")
 GROUNDING_LOSSES = ("soft_ce", "mass")
 
 
@@ -109,6 +110,11 @@ class GroundingConfig:
     # code, `superpixel_geometry`), s = `rerank_shape`; patches do not show an object's shape,
     # a decoded mask does. 0 = off
     rerank_shape: int = 0
+    # what the re-ranker matches the candidates against: `seg` = the [SEG] state (as the pointer
+    # does), `words` = a bag of the prompt's words (the mean of the re-ranker's own embedding of
+    # each text token), read straight from the sentence, not through the LLM — for a small LLM
+    # trained from scratch, whose [SEG] state carries the sentence's attributes poorly
+    rerank_query: str = "seg"
 
     @property
     def enabled(self) -> bool:
@@ -164,6 +170,7 @@ class GroundingHead(nn.Module):
         rerank_in: int | None = None,
         rerank_vote: bool = False,
         rerank_geometry: int = 0,
+        rerank_vocab: int = 0,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -179,7 +186,9 @@ class GroundingHead(nn.Module):
         if fusion_layers:
             # role of each slot: [SEG] query, visual token, sentence token
             self.role = nn.Parameter(torch.randn(3, hidden) * 0.02)
-        self.rerank_query = nn.Linear(hidden, dim) if rerank else None
+        self.rerank_query = nn.Linear(hidden, dim) if rerank and not rerank_vocab else None
+        # `rerank_query=words`: an embedding of each token of the vocabulary, averaged over the text
+        self.rerank_words = nn.Embedding(rerank_vocab, dim) if rerank and rerank_vocab else None
         # the pooled states (width `rerank_in`, default the LLM's), normalised: the tower's
         # features are on their own scale
         pooled = hidden if rerank_in is None else int(rerank_in)
@@ -239,10 +248,12 @@ class GroundingHead(nn.Module):
         geometry: Tensor | None = None,
     ) -> Tensor:
         """B×K scores of K candidate masks (their pooled states B×K×D, centroid point codes
-        B×K×C and shares of the grid B×K) against the B×D [SEG] states; −inf where not `real`.
-        With `rerank_vote`, plus the learned weight × log of `votes` (B×K softmax mass inside each
-        candidate, `mask_votes`); with `rerank_shape`, `geometry` (B×K×G) joins the inputs."""
-        q = self.rerank_query(seg_hidden)
+        B×K×C and shares of the grid B×K) against the B×D [SEG] states — or with
+        `rerank_query=words`, `seg_hidden` is the B×dim query from `word_query`; −inf where not
+        `real`. With `rerank_vote`, plus the learned weight × log of `votes` (B×K softmax mass
+        inside each candidate, `mask_votes`); with `rerank_shape`, `geometry` (B×K×G) joins the
+        inputs."""
+        q = seg_hidden if self.rerank_query is None else self.rerank_query(seg_hidden)
         if self.rerank_norm is not None:
             pooled = self.rerank_norm(pooled)
         parts = [pooled, codes, area.clamp(min=1e-4).log()[..., None]]
@@ -255,6 +266,11 @@ class GroundingHead(nn.Module):
                 raise ValueError("rerank_vote needs the candidates' vote mass")
             scores = scores + self.rerank_vote * votes.clamp(min=1e-6).log()
         return scores.masked_fill(~real, -math.inf)
+
+    def word_query(self, ids: Tensor, keep: Tensor) -> Tensor:
+        """B×dim: the mean of the word embeddings of the token ids B×T where `keep`."""
+        w = keep.to(self.rerank_words.weight.dtype)[..., None]
+        return (self.rerank_words(ids) * w).sum(1) / w.sum(1).clamp(min=1)
 
     def point_code(self, weights: Tensor, codes: Tensor) -> Tensor:
         """B×D: the `weights`-weighted (B×N, rows sum to 1) mean of the tokens' B×N×C point codes,

@@ -21,6 +21,7 @@ from lightning_modules.grounding import (
     GROUNDING_KEYS,
     GROUNDING_LOSSES,
     POINTER_EVAL,
+    RERANK_QUERIES,
     RERANK_SOURCES,
     TEACHER_POINTERS,
     GroundingHead,
@@ -196,6 +197,11 @@ class RISModel(pl.LightningModule):
                 "grounding.rerank_shape is the side of the candidate masks' shape code and must "
                 f"be ≥ 0 (0 = off); got {g.rerank_shape}."
             )
+        if g.rerank_query not in RERANK_QUERIES:
+            raise ConfigError(
+                f"grounding.rerank_query must be one of {', '.join(RERANK_QUERIES)}, "
+                f"got {g.rerank_query!r}."
+            )
         if g.rerank_from not in RERANK_SOURCES:
             raise ConfigError(
                 f"grounding.rerank_from must be one of {', '.join(RERANK_SOURCES)}, "
@@ -226,6 +232,7 @@ class RISModel(pl.LightningModule):
                     rerank_in=self.tower.out_channels if g.rerank_from == "features" else None,
                     rerank_vote=bool(g.rerank_vote),
                     rerank_geometry=mask_geometry_dim(g.rerank_shape) if g.rerank_shape else 0,
+                    rerank_vocab=len(tokenizer) if g.rerank_query == "words" else 0,
                 )
             else:
                 rank_zero_warn(
@@ -496,8 +503,14 @@ class RISModel(pl.LightningModule):
         votes = None
         if self.grounding.rerank_vote is not None:
             votes = mask_votes(logits.detach().float().softmax(-1), regions, cells)
+        query = seg_hidden
+        if self.grounding.rerank_words is not None:  # the prompt's text tokens, no <image>
+            ids = batch["input_ids"]
+            pos = torch.arange(ids.shape[1], device=ids.device)[None]
+            keep = (pos < batch["text_lengths"][:, None]) & (ids != self.image_id)
+            query = self.grounding.word_query(ids, keep)
         extra["rerank_logits"] = self.grounding.rerank_logits(
-            seg_hidden, pooled, ccodes, cells.sum(-1) / (h * w), real, votes, geometry
+            query, pooled, ccodes, cells.sum(-1) / (h * w), real, votes, geometry
         )
         if target_cells is not None:
             extra["rerank_iou"] = cell_iou(cells, target_cells)

@@ -294,3 +294,16 @@ def test_rerank_loss_by_hand():
     assert torch.isfinite(logits.grad).all() and (logits.grad[1] == 0).all()
     none, _ = rerank_loss(logits, torch.zeros(2, 3))
     assert none.item() == 0.0
+
+
+def test_word_query_is_the_mean_embedding_of_the_kept_tokens():
+    """`rerank_query=words`: the query is the mean of the kept tokens' embeddings (padding and
+    the <image> token left out), so the same sentence gives the same query at any padding."""
+    head = GroundingHead(8, 4, 6, pointer=True, rerank=True, rerank_vocab=10)
+    ids = torch.tensor([[3, 5, 0, 0], [3, 5, 7, 9]])
+    keep = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    emb = head.rerank_words.weight
+    q = head.word_query(ids, keep)
+    torch.testing.assert_close(q[0], (emb[3] + emb[5]) / 2)
+    torch.testing.assert_close(q[1], (emb[3] + emb[5] + emb[7]) / 3)
+    assert head.rerank_query is None

@@ -62,6 +62,7 @@ RERANK_FEATURES = (
     "grounding.rerank_from=features",
     "grounding.rerank_vote=true",
     "grounding.rerank_shape=3",
+    "grounding.rerank_query=words",
 )
 
 
@@ -179,8 +180,17 @@ def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, t
         (*GROUNDING_ON, "grounding.rerank=3"),
         (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_from=features"),
         (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_shape=4"),
+        (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_query=words"),
     ],
-    ids=["grounding", "fusion", "geometry", "rerank", "rerank_features", "rerank_shape"],
+    ids=[
+        "grounding",
+        "fusion",
+        "geometry",
+        "rerank",
+        "rerank_features",
+        "rerank_shape",
+        "rerank_words",
+    ],
 )
 def test_grounding_head_trains_and_points(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
     """The grounding loss is in the total, every head parameter gets a gradient, and the pointer
@@ -293,6 +303,7 @@ def test_grounding_head_is_off_for_footprintless_tokens(
         ("grounding.rerank=4 grounding.pointer=false", "grounding.rerank"),
         ("grounding.rerank=4 grounding.rerank_from=pixels", "grounding.rerank_from"),
         ("grounding.rerank=4 grounding.rerank_shape=-1", "grounding.rerank_shape"),
+        ("grounding.rerank=4 grounding.rerank_query=text", "grounding.rerank_query"),
         ("llm.visual_attention=full", "llm.visual_attention"),
     ],
 )
