@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -162,25 +163,18 @@ class RISModel(pl.LightningModule):
         self.seg_head = SegPromptHead(hidden, cfg.mask_decoder.seg_mlp_hidden, prompt_dim)
         self.grounding = None
         g = cfg.grounding
-        if g.keys_from not in GROUNDING_KEYS:
-            raise ConfigError(
-                f"grounding.keys_from must be one of {', '.join(GROUNDING_KEYS)}, "
-                f"got {g.keys_from!r}."
-            )
-        if g.pointer_eval not in POINTER_EVAL:
-            raise ConfigError(
-                f"grounding.pointer_eval must be one of {', '.join(POINTER_EVAL)}, "
-                f"got {g.pointer_eval!r}."
-            )
-        if g.loss not in GROUNDING_LOSSES:
-            raise ConfigError(
-                f"grounding.loss must be one of {', '.join(GROUNDING_LOSSES)}, got {g.loss!r}."
-            )
-        if g.teacher_pointer not in TEACHER_POINTERS:
-            raise ConfigError(
-                f"grounding.teacher_pointer must be one of {', '.join(TEACHER_POINTERS)}, "
-                f"got {g.teacher_pointer!r}."
-            )
+        for key, allowed in (
+            ("keys_from", GROUNDING_KEYS),
+            ("pointer_eval", POINTER_EVAL),
+            ("loss", GROUNDING_LOSSES),
+            ("teacher_pointer", TEACHER_POINTERS),
+            ("rerank_query", RERANK_QUERIES),
+            ("rerank_from", RERANK_SOURCES),
+        ):
+            if g[key] not in allowed:
+                raise ConfigError(
+                    f"grounding.{key} must be one of {', '.join(allowed)}, got {g[key]!r}."
+                )
         if g.pointer_vote < 0:
             raise ConfigError(
                 "grounding.pointer_vote is a number of candidate tokens and must be ≥ 0 "
@@ -196,16 +190,6 @@ class RISModel(pl.LightningModule):
             raise ConfigError(
                 "grounding.rerank_shape is the side of the candidate masks' shape code and must "
                 f"be ≥ 0 (0 = off); got {g.rerank_shape}."
-            )
-        if g.rerank_query not in RERANK_QUERIES:
-            raise ConfigError(
-                f"grounding.rerank_query must be one of {', '.join(RERANK_QUERIES)}, "
-                f"got {g.rerank_query!r}."
-            )
-        if g.rerank_from not in RERANK_SOURCES:
-            raise ConfigError(
-                f"grounding.rerank_from must be one of {', '.join(RERANK_SOURCES)}, "
-                f"got {g.rerank_from!r}."
             )
         if not g.pointer_smooth >= 0:
             raise ConfigError(
@@ -417,9 +401,12 @@ class RISModel(pl.LightningModule):
             return seg_hidden, extra
         rerank_top = None
         if rerank:
-            pooled = vis if g.rerank_from == "tokens" else feats.float().flatten(2).transpose(1, 2)
+            if g.rerank_from == "features":  # the tower's grid, each cell by its share inside
+                pool = partial(pool_cells, feats.float().flatten(2).transpose(1, 2))
+            else:  # the scored visual states, each token by the share of its footprint inside
+                pool = partial(pool_in_masks, vis, regions)
             rerank_top = self._rerank(
-                seg_hidden, logits, pooled, codes, regions, (h, w), batch, cells, extra
+                seg_hidden, logits, pool, codes, regions, (h, w), batch, cells, extra
             )
         weights = logits.softmax(-1)
         if self.training and g.teacher_forcing and "ground_target" in extra:
@@ -479,11 +466,10 @@ class RISModel(pl.LightningModule):
         return top.gather(1, votes.argmax(-1, keepdim=True))[:, 0]
 
     def _rerank(
-        self, seg_hidden, logits, states, codes, regions, grid, batch, target_cells, extra
+        self, seg_hidden, logits, pool, codes, regions, grid, batch, target_cells, extra
     ) -> torch.Tensor:
         """Scores (B×K) of the masks decoded from the top `grounding.rerank` tokens, from the
-        `states` pooled inside each (the visual states B×N×D, one per token footprint in
-        `regions`, or with `grounding.rerank_from=features` the tower's grid B×(h·w)×C); stores
+        states that `pool` (B×K×(h·w) mask cell fractions → B×K×D) pools inside each; stores
         them and (given the target's grid cells, `target_cells` B×(h·w) or None) each
         candidate's grid IoU with the target in `extra`. Returns the candidates' indices."""
         with torch.no_grad():  # the candidates are inputs to the re-ranker, not trained through
@@ -494,10 +480,7 @@ class RISModel(pl.LightningModule):
             if self.cfg.grounding.rerank_shape > 0:
                 s = int(self.cfg.grounding.rerank_shape)
                 geometry = torch.stack([mask_geometry(m, s) for m in masks])
-        if self.cfg.grounding.rerank_from == "features":
-            pooled = pool_cells(states, cells)
-        else:
-            pooled = pool_in_masks(states, regions, cells)
+        pooled = pool(cells)
         h, w = grid
         ccodes = self._point_codes(token_centroids(cells, h, w), batch["images"])
         votes = None
