@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_modules.projectors.semantic import GEOMETRY_DIM, superpixel_geometry
+
 GROUNDING_KEYS = ("llm", "tokens")
 POINTER_EVAL = ("soft", "argmax")
 TEACHER_POINTERS = ("mixture", "sample")
@@ -343,6 +345,19 @@ def pool_cells(states: Tensor, cells: Tensor) -> Tensor:
     fractions), each cell weighted by its fraction inside; zeros for an empty mask."""
     weights = cells / cells.sum(-1, keepdim=True).clamp(min=1e-12)
     return weights @ states
+
+
+def mask_geometry_dim(shape_size: int) -> int:
+    """Width of `mask_geometry`'s rows."""
+    return GEOMETRY_DIM + int(shape_size) ** 2
+
+
+def mask_geometry(masks: Tensor, shape_size: int) -> Tensor:
+    """K×(7 + s²) geometry of K binary masks (K×H×W): bbox, centroid, area and the s×s shape code,
+    as the `semantic` projector's SSPE reads a superpixel (`superpixel_geometry`, each mask
+    alone; its area column is then 1); zeros for an empty mask."""
+    labels = torch.where(masks.bool(), 0, -1)
+    return superpixel_geometry(labels, 1, int(shape_size))[:, 0]
 
 
 def cell_iou(cells: Tensor, target: Tensor) -> Tensor:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_modules.projectors.semantic import GEOMETRY_DIM, superpixel_geometry
-
 
 class SegPromptHead(nn.Module):
     """LISA's `text_hidden_fcs`: [SEG] hidden state → MLP → one sparse prompt embedding."""
@@ -54,16 +52,3 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     p = logits.sigmoid().flatten()
     t = target.flatten()
     return 1 - (2 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
-
-
-def mask_geometry_dim(shape_size: int) -> int:
-    """Width of `mask_geometry`'s rows."""
-    return GEOMETRY_DIM + int(shape_size) ** 2
-
-
-def mask_geometry(masks: torch.Tensor, shape_size: int) -> torch.Tensor:
-    """K×(7 + s²) geometry of K binary masks (K×H×W): bbox, centroid, area and the s×s shape code,
-    as the `semantic` projector's SSPE reads a superpixel (`superpixel_geometry`, each mask
-    alone; its area column is then 1); zeros for an empty mask."""
-    labels = torch.where(masks.bool(), 0, -1)
-    return superpixel_geometry(labels, 1, int(shape_size))[:, 0]

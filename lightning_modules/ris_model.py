@@ -29,6 +29,8 @@ from lightning_modules.grounding import (
     cell_iou,
     grid_targets,
     grounding_loss,
+    mask_geometry,
+    mask_geometry_dim,
     mask_votes,
     picked_hits,
     pool_cells,
@@ -39,13 +41,7 @@ from lightning_modules.grounding import (
     target_distribution,
     token_centroids,
 )
-from lightning_modules.mask_decoding import (
-    SegPromptHead,
-    decode_masks,
-    dice_loss,
-    mask_geometry,
-    mask_geometry_dim,
-)
+from lightning_modules.mask_decoding import SegPromptHead, decode_masks, dice_loss
 from lightning_modules.metrics import CIoU, GIoU, token_stats
 
 # Frozen-feature memory shared by every model in the process (sweeps run many trials in one

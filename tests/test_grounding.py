@@ -256,7 +256,7 @@ def test_mask_geometry_reads_a_mask_as_sspe_reads_a_superpixel():
     """An 8×8 frame: a 4×4 square at rows 2–5, cols 0–3 has bbox (0, 0.25, 0.5, 0.75), centroid
     (0.25, 0.5) and a full 2×2 shape code; a triangle (the lower-left half of a 4×4 box, with its
     diagonal) fills its bins 3/4, 0, 1, 3/4; an empty mask gives zeros."""
-    from lightning_modules.mask_decoding import mask_geometry, mask_geometry_dim
+    from lightning_modules.grounding import mask_geometry, mask_geometry_dim
 
     masks = torch.zeros(3, 8, 8, dtype=torch.bool)
     masks[0, 2:6, 0:4] = True
