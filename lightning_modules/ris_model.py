@@ -213,6 +213,7 @@ class RISModel(pl.LightningModule):
                     rerank_vote=bool(g.rerank_vote),
                     rerank_geometry=mask_geometry_dim(g.rerank_shape) if g.rerank_shape else 0,
                     rerank_vocab=len(tokenizer) if g.rerank_query == "words" else 0,
+                    query_vocab=len(tokenizer) if g.query_words else 0,
                 )
             else:
                 rank_zero_warn(
@@ -385,7 +386,10 @@ class RISModel(pl.LightningModule):
         if self.grounding.point is not None or self.grounding.geometry is not None:
             centres = token_centroids(regions, h, w)
             codes = self._point_codes(centres, batch["images"])
-        logits = self.grounding.logits(query, vis, proj.mask, codes)
+        words, table = None, self.grounding.query_words
+        if table is not None:  # `query_words`: the prompt's bag of words joins the query
+            words = self.grounding.word_query(*self._prompt_words(batch), table)
+        logits = self.grounding.logits(query, vis, proj.mask, codes, words)
         extra = {"ground_logits": logits}
         # with `pointer_vote` as well the vote picks at evaluation: the re-ranker only trains
         rerank = g.rerank > 0 and (self.training or g.pointer_vote == 0)
@@ -483,17 +487,20 @@ class RISModel(pl.LightningModule):
         if self.grounding.rerank_vote is not None:
             votes = mask_votes(logits.detach().float().softmax(-1), regions, cells)
         query = seg_hidden
-        if self.grounding.rerank_words is not None:  # the prompt's text tokens, no <image>
-            ids = batch["input_ids"]
-            pos = torch.arange(ids.shape[1], device=ids.device)[None]
-            keep = (pos < batch["text_lengths"][:, None]) & (ids != self.image_id)
-            query = self.grounding.word_query(ids, keep)
+        if self.grounding.rerank_words is not None:
+            query = self.grounding.word_query(*self._prompt_words(batch))
         extra["rerank_logits"] = self.grounding.rerank_logits(
             query, pooled, ccodes, cells.sum(-1) / (h * w), real, votes, geometry
         )
         if target_cells is not None:
             extra["rerank_iou"] = cell_iou(cells, target_cells)
         return top
+
+    def _prompt_words(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token ids (B×T) and which of them are text (B×T): <image> and padding left out."""
+        ids = batch["input_ids"]
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        return ids, (pos < batch["text_lengths"][:, None]) & (ids != self.image_id)
 
     @staticmethod
     def _text_states(hidden, image_pos, seg_pos, num_vis) -> tuple:

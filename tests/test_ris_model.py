@@ -181,6 +181,7 @@ def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, t
         (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_from=features"),
         (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_shape=4"),
         (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_query=words"),
+        (*GROUNDING_ON, "grounding.query_words=true"),
     ],
     ids=[
         "grounding",
@@ -190,6 +191,7 @@ def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, t
         "rerank_features",
         "rerank_shape",
         "rerank_words",
+        "query_words",
     ],
 )
 def test_grounding_head_trains_and_points(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
@@ -510,6 +512,35 @@ def test_feature_cache_keys_name_the_data_set(synthref_root, tiny_sam_checkpoint
     assert first.sam_features.key == again.sam_features.key
     assert moved.tower_features.key != first.tower_features.key
     assert moved.sam_features.key != first.sam_features.key
+
+
+def test_query_words_starts_as_the_pointer_and_reads_the_sentence(
+    synthref_root, tiny_sam_checkpoint, tmp_path
+):
+    """grounding.query_words adds a bag of the prompt's words to the pointer's query: zero at
+    first (the scores are the plain pointer's); once trained (here: random) it moves the scores,
+    and a sample scores the same alone and batched."""
+    torch.manual_seed(0)
+    extra = (*RERANK_FEATURES, "grounding.query_words=true")
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=extra)
+    tok = tokenizer_for(cfg)
+    model = RISModel(cfg, tok).eval()
+    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
+    items = _items(synthref_root, [2, 5, 3])
+    batch = collate(items)
+    table = model.grounding.query_words
+    assert table.num_embeddings == len(tok) and not table.weight.any()
+    with torch.no_grad():
+        plain = model(batch, decode=False)
+        words = model.grounding.word_query(*model._prompt_words(batch), table)
+        torch.testing.assert_close(words, torch.zeros_like(words))
+        table.weight.normal_(0, 1.0)
+        worded = model(batch, decode=False)
+        alone = model(collate(items[:1]), decode=False)
+    assert not torch.allclose(plain["ground_logits"][0, :4], worded["ground_logits"][0, :4])
+    torch.testing.assert_close(
+        alone["ground_logits"][0], worded["ground_logits"][0, :4], atol=1e-5, rtol=0
+    )
 
 
 def test_rerank_vote_starts_as_the_vote(synthref_root, tiny_sam_checkpoint, tmp_path):
