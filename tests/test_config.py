@@ -99,9 +99,12 @@ def test_groups_are_recorded():
 def test_grounding_recipe_group_overrides_the_model_and_yields_to_the_command_line(tmp_path):
     """`grounding=patch` merges configs/grounding/patch.yaml over the model's grounding node;
     dotted overrides still win; a saved run keeps its recipe and can switch it."""
-    plain = load_config(["projector=mlp"])
-    assert plain.groups["grounding"] == "default" and plain.grounding.pointer_vote == 0
+    preset = load_config(["projector=mlp"])  # the tiny preset's recipe: the re-ranker
+    assert preset.groups["grounding"] == "patch_rerank" and preset.grounding.rerank == 4
+    plain = load_config(["projector=mlp", "grounding=default"])
+    assert plain.grounding.pointer_vote == 0 and plain.grounding.rerank == 0
     patch = load_config(["projector=mlp", "grounding=patch"])
+    assert patch.grounding.rerank == 0  # a recipe replaces the preset's recipe
     assert patch.grounding.pointer_vote == 4 and patch.groups["grounding"] == "patch"
     assert patch.grounding.keys_from == plain.grounding.keys_from  # the model's settings stay
     louder = load_config(["projector=mlp", "grounding=patch", "grounding.pointer_vote=2"])
@@ -116,7 +119,14 @@ def test_a_new_grounding_recipe_keeps_the_saved_runs_own_grounding_settings(tmp_
     """A run trained with `grounding.rerank=4` has re-ranker weights: evaluating it with
     `grounding=patch` adds the recipe's vote and keeps the re-ranker (and back again), while a new
     projector still replaces the saved projector node whole."""
-    run = load_config(["projector=mlp", "grounding.rerank=4", "grounding.rerank_from=features"])
+    run = load_config(
+        [
+            "projector=mlp",
+            "grounding=default",
+            "grounding.rerank=4",
+            "grounding.rerank_from=features",
+        ]
+    )
     path = save_config(run, tmp_path / "config.yaml")
     voted = load_saved_config(path, ["grounding=patch"])
     assert voted.grounding.pointer_vote == 4 and voted.groups["grounding"] == "patch"
@@ -124,7 +134,7 @@ def test_a_new_grounding_recipe_keeps_the_saved_runs_own_grounding_settings(tmp_
     back = load_saved_config(save_config(voted, tmp_path / "voted.yaml"), ["grounding=default"])
     assert back.grounding.pointer_vote == 0 and back.grounding.rerank == 4
     # a setting the new recipe sets and the run also set on its own: the run's value stays
-    own = load_config(["projector=mlp", "grounding.pointer_vote=2"])
+    own = load_config(["projector=mlp", "grounding=default", "grounding.pointer_vote=2"])
     kept = load_saved_config(save_config(own, tmp_path / "own.yaml"), ["grounding=patch"])
     assert kept.grounding.pointer_vote == 2
     pool = load_saved_config(path, ["projector=pool"])

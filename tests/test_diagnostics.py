@@ -47,7 +47,9 @@ def test_every_mode_trains_and_writes_a_curve(mode, synthref_root, tiny_sam_chec
 
 def test_pointing_mode_needs_the_grounding_head(synthref_root, tiny_sam_checkpoint, tmp_path):
     overrides = tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path / "runs")
-    cfg = load_config([*overrides, "grounding.weight=0", "grounding.pointer=false"])
+    cfg = load_config(
+        [*overrides, "grounding=default", "grounding.weight=0", "grounding.pointer=false"]
+    )
     with pytest.raises(ConfigError, match="grounding head"):
         diagnose_grounding(cfg, mode="pointing", steps=1, progress=False)
 

@@ -43,9 +43,11 @@ def _items(root, k_values):
     return items
 
 
-# the tiny preset has the grounding head on with teacher forcing; these pin each variant down
-LISA_ONLY = ("grounding.weight=0", "grounding.pointer=false")
+# the tiny preset has the grounding head on with teacher forcing and the `patch_rerank` recipe;
+# these pin each variant down, from the model's own grounding node (`grounding=default`)
+LISA_ONLY = ("grounding=default", "grounding.weight=0", "grounding.pointer=false")
 GROUNDING_ON = (
+    "grounding=default",
     "grounding.weight=1.0",
     "grounding.pointer=true",
     "grounding.teacher_forcing=false",
