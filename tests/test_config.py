@@ -100,7 +100,7 @@ def test_grounding_recipe_group_overrides_the_model_and_yields_to_the_command_li
     """`grounding=patch` merges configs/grounding/patch.yaml over the model's grounding node;
     dotted overrides still win; a saved run keeps its recipe and can switch it."""
     preset = load_config(["projector=mlp"])  # the tiny preset's recipe: the re-ranker
-    assert preset.groups["grounding"] == "patch_rerank" and preset.grounding.rerank == 4
+    assert preset.groups["grounding"] == "patch_rerank" and preset.grounding.rerank == 8
     plain = load_config(["projector=mlp", "grounding=default"])
     assert plain.grounding.pointer_vote == 0 and plain.grounding.rerank == 0
     patch = load_config(["projector=mlp", "grounding=patch"])
