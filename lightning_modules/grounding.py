@@ -121,7 +121,8 @@ class GroundingConfig:
     # the mean of a learned embedding of each text token, zero at the start so the pointer starts
     # as the plain one. The pointer's top tokens are the re-ranker's and the vote's candidates;
     # with a small LLM trained from scratch the [SEG] state alone ranks the target's patches
-    # below the top 4 about half the time (session 12)
+    # below the top 4 about half the time (session 12). Measured worse with the preset's
+    # re-ranker (`mlp` seeds 0/1: 0.294 / 0.294 against 0.331 / 0.301; session 13), so off
     query_words: bool = False
 
     @property
