@@ -292,13 +292,6 @@ class GroundingHead(nn.Module):
             scores = scores + self.rerank_vote * votes.clamp(min=1e-6).log()
         return scores.masked_fill(~real, -math.inf)
 
-    def word_query(self, ids: Tensor, keep: Tensor, table: nn.Embedding | None = None) -> Tensor:
-        """B×dim: the mean of the word embeddings (`table`, default `rerank_words`) of the token
-        ids B×T where `keep`."""
-        table = self.rerank_words if table is None else table
-        w = keep.to(table.weight.dtype)[..., None]
-        return (table(ids) * w).sum(1) / w.sum(1).clamp(min=1)
-
     def point_code(self, weights: Tensor, codes: Tensor) -> Tensor:
         """B×D: the `weights`-weighted (B×N, rows sum to 1) mean of the tokens' B×N×C point codes,
         mapped to D."""
@@ -363,6 +356,13 @@ def pool_in_masks(states: Tensor, regions: Tensor, cells: Tensor) -> Tensor:
     overlap = regions @ cells.transpose(1, 2)  # B×N×K, in cells
     weights = overlap / overlap.sum(1, keepdim=True).clamp(min=1e-12)
     return weights.transpose(1, 2) @ states
+
+
+def word_query(table: nn.Embedding, ids: Tensor, keep: Tensor) -> Tensor:
+    """B×dim: the mean of `table`'s embeddings of the token ids B×T where `keep` (a bag of the
+    prompt's words: `GroundingHead.rerank_words` or `.query_words`)."""
+    w = keep.to(table.weight.dtype)[..., None]
+    return (table(ids) * w).sum(1) / w.sum(1).clamp(min=1)
 
 
 def pool_cells(states: Tensor, cells: Tensor) -> Tensor:

@@ -40,6 +40,7 @@ from lightning_modules.grounding import (
     smoothed_scores,
     target_distribution,
     token_centroids,
+    word_query,
 )
 from lightning_modules.mask_decoding import SegPromptHead, decode_masks, dice_loss
 from lightning_modules.metrics import CIoU, GIoU, token_stats
@@ -388,7 +389,7 @@ class RISModel(pl.LightningModule):
             codes = self._point_codes(centres, batch["images"])
         words, table = None, self.grounding.query_words
         if table is not None:  # `query_words`: the prompt's bag of words joins the query
-            words = self.grounding.word_query(*self._prompt_words(batch), table)
+            words = word_query(table, *self._prompt_words(batch))
         logits = self.grounding.logits(query, vis, proj.mask, codes, words)
         extra = {"ground_logits": logits}
         # with `pointer_vote` as well the vote picks at evaluation: the re-ranker only trains
@@ -488,7 +489,7 @@ class RISModel(pl.LightningModule):
             votes = mask_votes(logits.detach().float().softmax(-1), regions, cells)
         query = seg_hidden
         if self.grounding.rerank_words is not None:
-            query = self.grounding.word_query(*self._prompt_words(batch))
+            query = word_query(self.grounding.rerank_words, *self._prompt_words(batch))
         extra["rerank_logits"] = self.grounding.rerank_logits(
             query, pooled, ccodes, cells.sum(-1) / (h * w), real, votes, geometry
         )

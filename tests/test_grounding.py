@@ -18,6 +18,7 @@ from lightning_modules.grounding import (
     smoothed_scores,
     target_distribution,
     token_centroids,
+    word_query,
 )
 
 
@@ -303,7 +304,7 @@ def test_word_query_is_the_mean_embedding_of_the_kept_tokens():
     ids = torch.tensor([[3, 5, 0, 0], [3, 5, 7, 9]])
     keep = torch.tensor([[True, True, False, False], [True, True, True, False]])
     emb = head.rerank_words.weight
-    q = head.word_query(ids, keep)
+    q = word_query(head.rerank_words, ids, keep)
     torch.testing.assert_close(q[0], (emb[3] + emb[5]) / 2)
     torch.testing.assert_close(q[1], (emb[3] + emb[5] + emb[7]) / 3)
     assert head.rerank_query is None

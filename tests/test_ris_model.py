@@ -18,6 +18,7 @@ from datamodules.refer import ReferDataset
 from datamodules.ris import PromptEncoder, RISCollate, resize_labels
 from datamodules.superpixels import SOURCES
 from lightning_modules.config import load_config
+from lightning_modules.grounding import word_query
 from lightning_modules.mask_decoding import dice_loss
 from lightning_modules.projectors import PROJECTORS
 from lightning_modules.ris_model import RISModel
@@ -350,9 +351,10 @@ def test_every_projector_trains_under_bf16_autocast(
     projector, synthref_root, tiny_sam_checkpoint, tmp_path
 ):
     """`trainer=gpu` trains in bf16-mixed (autocast): each projector, with the re-ranker's
-    feature, shape and word paths on, gives a finite loss in bf16 and finite float32 gradients
-    to every trainable parameter. CPU autocast stands in for CUDA's here (same op lists for the
-    dtype casts); the run on an H100 is in docs/BENCHMARKS.md."""
+    feature, shape and word paths on, gives finite masks and loss in bf16, finite float32
+    gradients wherever a gradient arrives, and one to every projector parameter. CPU autocast
+    stands in for CUDA's here (same op lists for the dtype casts); the run on an H100 is in
+    docs/BENCHMARKS.md."""
     torch.manual_seed(0)
     cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, projector, RERANK_FEATURES)
     tok = tokenizer_for(cfg)
@@ -516,7 +518,7 @@ def test_feature_cache_keys_name_the_data_set(synthref_root, tiny_sam_checkpoint
     assert moved.sam_features.key != first.sam_features.key
 
 
-def test_query_words_starts_as_the_pointer_and_reads_the_sentence(
+def test_query_words_starts_as_the_pointer_and_moves_its_scores(
     synthref_root, tiny_sam_checkpoint, tmp_path
 ):
     """grounding.query_words adds a bag of the prompt's words to the pointer's query: zero at
@@ -534,7 +536,7 @@ def test_query_words_starts_as_the_pointer_and_reads_the_sentence(
     assert table.num_embeddings == len(tok) and not table.weight.any()
     with torch.no_grad():
         plain = model(batch, decode=False)
-        words = model.grounding.word_query(*model._prompt_words(batch), table)
+        words = word_query(table, *model._prompt_words(batch))
         torch.testing.assert_close(words, torch.zeros_like(words))
         table.weight.normal_(0, 1.0)
         worded = model(batch, decode=False)
