@@ -117,6 +117,12 @@ class GroundingConfig:
     # each text token), read straight from the sentence, not through the LLM — for a small LLM
     # trained from scratch, whose [SEG] state carries the sentence's attributes poorly
     rerank_query: str = "seg"
+    # spread the re-ranker's candidates over the image: take the tokens in order of score but
+    # skip one whose footprint centroid lies within this distance (a fraction of the feature
+    # grid's side, in each direction) of a candidate already taken. `mlp`'s top patches often
+    # sit on one object, so its top 8 decode few distinct masks; 0.1 on a 16×16 grid skips a
+    # taken patch's 8 neighbours. 0 = the plain top tokens
+    rerank_spread: float = 0.0
     # add a bag of the prompt's words to the pointer's own query (the [SEG] state's projection):
     # the mean of a learned embedding of each text token, zero at the start so the pointer starts
     # as the plain one. The pointer's top tokens are the re-ranker's and the vote's candidates;
@@ -306,6 +312,29 @@ def token_centroids(regions: Tensor, h: int, w: int) -> Tensor:
     area = regions.sum(-1, keepdim=True)
     centre = (regions @ cells) / area.clamp(min=1e-12)
     return torch.where(area > 0, centre, torch.full_like(centre, 0.5))
+
+
+def spread_top(scores: Tensor, centres: Tensor, k: int, spread: float) -> tuple[Tensor, Tensor]:
+    """Greedy top-`k` tokens (B×k indices) by `scores` (B×N, −inf = padding) that keeps taken
+    tokens' footprint centroids (`centres` B×N×2, `token_centroids`) more than `spread` apart
+    in x or y, and which picks are real (B×k; False once a sample runs out of tokens far enough
+    from those taken: such slots repeat a taken token). `spread` = 0 is `scores.topk(k)`."""
+    k = min(int(k), scores.shape[-1])
+    if spread <= 0:
+        top = scores.topk(k, -1).indices
+        return top, torch.isfinite(scores.gather(1, top))
+    left, picks, real = scores.float().clone(), [], []
+    for _ in range(k):
+        value, pick = left.max(-1)
+        ok = torch.isfinite(value)
+        if picks:  # nothing left: repeat the first pick, flagged as not real
+            pick = torch.where(ok, pick, picks[0])
+        picks.append(pick)
+        real.append(ok)
+        taken = centres.gather(1, pick[:, None, None].expand(-1, 1, centres.shape[-1]))
+        near = (centres - taken).abs().amax(-1) < spread
+        left = left.masked_fill(near, -math.inf).scatter(1, pick[:, None], -math.inf)
+    return torch.stack(picks, 1), torch.stack(real, 1)
 
 
 def grid_targets(masks: list[Tensor], h: int, w: int, device) -> Tensor:

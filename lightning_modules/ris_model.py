@@ -38,6 +38,7 @@ from lightning_modules.grounding import (
     rerank_loss,
     sample_targets,
     smoothed_scores,
+    spread_top,
     target_distribution,
     token_centroids,
     word_query,
@@ -187,6 +188,11 @@ class RISModel(pl.LightningModule):
             raise ConfigError(
                 "grounding.rerank_shape is the side of the candidate masks' shape code and must "
                 f"be ≥ 0 (0 = off); got {g.rerank_shape}."
+            )
+        if not g.rerank_spread >= 0:
+            raise ConfigError(
+                "grounding.rerank_spread is a distance (a fraction of the feature grid's side) "
+                f"and must be ≥ 0 (0 = the plain top tokens); got {g.rerank_spread}."
             )
         if not g.pointer_smooth >= 0:
             raise ConfigError(
@@ -429,15 +435,15 @@ class RISModel(pl.LightningModule):
             weights = F.one_hot(pick, logits.shape[-1]).to(weights.dtype)
         return seg_hidden + self.grounding.point_code(weights, codes), extra
 
-    def _candidates(self, seg_hidden, scores, codes, grid, batch, k) -> tuple:
-        """The top-`k` tokens by `scores` (B×K indices), which of them are real tokens (B×K; a
-        sample with fewer tokens gets padding slots), the masks decoded from pointing at each
-        (B×K×(h·w): the fraction of each feature-grid cell inside the mask), and per image the
-        masks themselves (K×h'×w' bool at SAM's low resolution, the image's part of its frame)."""
+    def _candidates(self, seg_hidden, scores, codes, grid, batch, k, centres=None, spread=0.0):
+        """The top-`k` tokens by `scores` (B×K indices; with `spread` > 0 kept apart by their
+        footprint `centres`, `spread_top`), which of them are real tokens (B×K; a sample with
+        fewer tokens gets padding slots), the masks decoded from pointing at each (B×K×(h·w):
+        the fraction of each feature-grid cell inside the mask), and per image the masks
+        themselves (K×h'×w' bool at SAM's low resolution, the image's part of its frame)."""
         b, n = scores.shape
         k = min(int(k), n)
-        top = scores.topk(k, -1).indices
-        real = torch.isfinite(scores.gather(1, top))
+        top, real = spread_top(scores, centres, k, spread if centres is not None else 0.0)
         onehot = F.one_hot(top, n).to(codes.dtype)
         prompts = self.seg_head(seg_hidden[:, None] + self.grounding.point(onehot @ codes))
         images = batch["images"]
@@ -474,8 +480,10 @@ class RISModel(pl.LightningModule):
         them and (given the target's grid cells, `target_cells` B×(h·w) or None) each
         candidate's grid IoU with the target in `extra`. Returns the candidates' indices."""
         with torch.no_grad():  # the candidates are inputs to the re-ranker, not trained through
+            g = self.cfg.grounding
             top, real, cells, masks = self._candidates(
-                seg_hidden.detach(), logits.detach(), codes, grid, batch, self.cfg.grounding.rerank
+                seg_hidden.detach(), logits.detach(), codes, grid, batch, g.rerank,
+                token_centroids(regions, *grid), g.rerank_spread,
             )
             geometry = None
             if self.cfg.grounding.rerank_shape > 0:

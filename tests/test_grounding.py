@@ -16,6 +16,7 @@ from lightning_modules.grounding import (
     rerank_loss,
     sample_targets,
     smoothed_scores,
+    spread_top,
     target_distribution,
     token_centroids,
     word_query,
@@ -308,3 +309,26 @@ def test_word_query_is_the_mean_embedding_of_the_kept_tokens():
     torch.testing.assert_close(q[0], (emb[3] + emb[5]) / 2)
     torch.testing.assert_close(q[1], (emb[3] + emb[5] + emb[7]) / 3)
     assert head.rerank_query is None
+
+
+def test_spread_top_skips_tokens_near_those_taken():
+    # a 3×3 grid of single-cell tokens (centroid spacing 1/3), scores falling in reading order
+    centres = token_centroids(torch.eye(9)[None], 3, 3)
+    scores = -torch.arange(9.0)[None]
+    plain, real = spread_top(scores, centres, 4, 0.0)
+    assert plain.tolist() == scores.topk(4).indices.tolist() and real.all()
+    # 0.4 > 1/3: each pick skips its 8 neighbours; the corners are 2/3 apart
+    top, real = spread_top(scores, centres, 4, 0.4)
+    assert top.tolist() == [[0, 2, 6, 8]] and real.all()
+    # 0.3 < 1/3: nothing is near enough to skip
+    assert spread_top(scores, centres, 4, 0.3)[0].tolist() == [[0, 1, 2, 3]]
+    # padding (−inf) is never taken; once nothing is left the slots repeat the first pick and
+    # are flagged as not real
+    scores[0, 3:] = -math.inf
+    top, real = spread_top(scores, centres, 4, 0.4)
+    assert top.tolist() == [[0, 2, 0, 0]] and real.tolist() == [[True, True, False, False]]
+    # each sample by its own scores: batched picks are the picks alone
+    both = torch.cat([scores, torch.arange(9.0)[None]])
+    top2, real2 = spread_top(both, centres.expand(2, -1, -1), 4, 0.4)
+    assert top2[0].tolist() == [0, 2, 0, 0] and real2[0].tolist() == real[0].tolist()
+    assert top2[1].tolist() == [8, 6, 2, 0] and real2[1].all()

@@ -67,6 +67,8 @@ RERANK_FEATURES = (
     "grounding.rerank_shape=3",
     "grounding.rerank_query=words",
 )
+# on the 5×5 sample (centroid spacing 0.2) a taken token's neighbours are skipped
+RERANK_SPREAD = (*RERANK_FEATURES, "grounding.rerank_spread=0.3")
 
 
 def _wake_fusion(model) -> None:
@@ -89,6 +91,7 @@ def _wake_fusion(model) -> None:
         VOTE_ON,
         RERANK_ON,
         RERANK_FEATURES,
+        RERANK_SPREAD,
         BIDIRECTIONAL,
     ],
     ids=[
@@ -100,6 +103,7 @@ def _wake_fusion(model) -> None:
         "vote",
         "rerank",
         "rerank_features",
+        "rerank_spread",
         "bidirectional",
     ],
 )
@@ -137,7 +141,7 @@ def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path)
         torch.testing.assert_close(
             alone["point_votes"][0], batched["point_votes"][0, :4], atol=1e-5, rtol=0
         )
-    if extra in (RERANK_ON, RERANK_FEATURES):
+    if extra in (RERANK_ON, RERANK_FEATURES, RERANK_SPREAD):
         # the re-ranker scores the same 4 candidate masks batched or alone
         assert alone["point_pick"][0] == batched["point_pick"][0]
         assert torch.isinf(batched["rerank_logits"][0, 4:]).all()
@@ -147,7 +151,7 @@ def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path)
         torch.testing.assert_close(
             alone["rerank_iou"][0], batched["rerank_iou"][0, :4], atol=1e-5, rtol=0
         )
-    if extra in (SMOOTH_ON, VOTE_ON, RERANK_ON, RERANK_FEATURES):
+    if extra in (SMOOTH_ON, VOTE_ON, RERANK_ON, RERANK_FEATURES, RERANK_SPREAD):
         # the smoothed pointer scores ignore padding
         torch.testing.assert_close(
             alone["point_scores"][0], batched["point_scores"][0, :4], atol=1e-5, rtol=0
@@ -184,6 +188,7 @@ def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, t
         (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_from=features"),
         (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_shape=4"),
         (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_query=words"),
+        (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_spread=0.3"),
         (*GROUNDING_ON, "grounding.query_words=true"),
     ],
     ids=[
@@ -194,6 +199,7 @@ def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, t
         "rerank_features",
         "rerank_shape",
         "rerank_words",
+        "rerank_spread",
         "query_words",
     ],
 )
