@@ -123,6 +123,14 @@ class GroundingConfig:
     # sit on one object, so its top 8 decode few distinct masks; 0.1 on a 16×16 grid skips a
     # taken patch's 8 neighbours. 0 = the plain top tokens
     rerank_spread: float = 0.0
+    # layers of a bidirectional encoder over the re-ranker's query, its K candidates (each as the
+    # re-ranker reads it) and, with `rerank_query=words`, the prompt's words in order (their
+    # re-ranker embeddings plus a code of their place in the sentence), before the candidates are
+    # scored: each candidate is then scored in the light of the others ("the leftmost star", "the
+    # second circle from the top") and of the word order ("the star left of the circle" is not
+    # "the circle left of the star"); a bag of words scoring each mask alone sees neither. The
+    # layers start as the identity (`FusionLayer`), i.e. as the plain re-ranker. 0 = off
+    rerank_context: int = 0
     # add a bag of the prompt's words to the pointer's own query (the [SEG] state's projection):
     # the mean of a learned embedding of each text token, zero at the start so the pointer starts
     # as the plain one. The pointer's top tokens are the re-ranker's and the vote's candidates;
@@ -187,6 +195,7 @@ class GroundingHead(nn.Module):
         rerank_geometry: int = 0,
         rerank_vocab: int = 0,
         query_vocab: int = 0,
+        rerank_context: int = 0,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -224,6 +233,30 @@ class GroundingHead(nn.Module):
             if rerank
             else None
         )
+        # `rerank_context`: encoder layers over [query, candidates, words], a role vector each
+        self.rerank_context = nn.ModuleList(
+            FusionLayer(dim, fusion_heads) for _ in range(rerank_context if rerank else 0)
+        )
+        if len(self.rerank_context):
+            self.rerank_role = nn.Parameter(torch.randn(3, dim) * 0.02)
+
+    def _rerank_context(
+        self, q: Tensor, keys: Tensor, real: Tensor, words: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, Tensor]:
+        """The query (B×dim) and candidate keys (B×K×dim) after the `rerank_context` layers over
+        [query, candidates (where `real`), words (where kept)]."""
+        k = keys.shape[1]
+        seq = [(q + self.rerank_role[0])[:, None], keys + self.rerank_role[1]]
+        keep = [real.new_ones(real.shape[0], 1), real]
+        if words is not None:
+            states, kept = words
+            seq.append(states.to(keys.dtype) + self.rerank_role[2])
+            keep.append(kept)
+        x, keep = torch.cat(seq, 1), torch.cat(keep, 1)
+        for layer in self.rerank_context:
+            x = layer(x, keep)
+        # the roles only tell the slots apart: without them, fresh layers give back q and keys
+        return x[:, 0] - self.rerank_role[0], x[:, 1 : 1 + k] - self.rerank_role[1]
 
     def fuse(
         self, seg_hidden: Tensor, vis_hidden: Tensor, mask: Tensor, text: Tensor, text_mask: Tensor
@@ -277,13 +310,15 @@ class GroundingHead(nn.Module):
         real: Tensor,
         votes: Tensor | None = None,
         geometry: Tensor | None = None,
+        words: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """B×K scores of K candidate masks (their pooled states B×K×D, centroid point codes
         B×K×C and shares of the grid B×K) against the B×D [SEG] states — or with
         `rerank_query=words`, `seg_hidden` is the B×dim query from `word_query`; −inf where not
         `real`. With `rerank_vote`, plus the learned weight × log of `votes` (B×K softmax mass
         inside each candidate, `mask_votes`); with `rerank_shape`, `geometry` (B×K×G) joins the
-        inputs."""
+        inputs. With `rerank_context` layers, query and candidates (and `words`: the prompt's
+        word states B×T×dim and which are real B×T, `word_states`) pass through them first."""
         q = seg_hidden if self.rerank_query is None else self.rerank_query(seg_hidden)
         if self.rerank_norm is not None:
             pooled = self.rerank_norm(pooled)
@@ -291,7 +326,10 @@ class GroundingHead(nn.Module):
         if geometry is not None:
             parts.append(geometry.to(pooled.dtype))
         x = torch.cat(parts, -1)
-        scores = (self.rerank_key(x) @ q[..., None]).squeeze(-1) / math.sqrt(self.dim)
+        keys = self.rerank_key(x)
+        if len(self.rerank_context):
+            q, keys = self._rerank_context(q, keys, real, words)
+        scores = (keys @ q[..., None]).squeeze(-1) / math.sqrt(self.dim)
         if self.rerank_vote is not None:
             if votes is None:
                 raise ValueError("rerank_vote needs the candidates' vote mass")
@@ -392,6 +430,26 @@ def word_query(table: nn.Embedding, ids: Tensor, keep: Tensor) -> Tensor:
     prompt's words: `GroundingHead.rerank_words` or `.query_words`)."""
     w = keep.to(table.weight.dtype)[..., None]
     return (table(ids) * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+def word_states(table: nn.Embedding, ids: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """The prompt's words in order for `rerank_context`: B×T'×dim, each kept token's embedding
+    in `table` plus a sinusoidal code of its place among the kept tokens (the <image> slot and
+    padding do not count), and B×T' which slots are words (T' = the most kept in a sample)."""
+    order = keep.long().cumsum(1) - 1  # each kept token's place among the kept tokens
+    length = max(int(keep.sum(1).max()), 1)
+    slot = torch.where(keep, order, torch.full_like(order, length))  # dropped → a spare slot
+    dim = table.embedding_dim
+    out = table.weight.new_zeros(ids.shape[0], length + 1, dim)
+    out.scatter_(1, slot[..., None].expand(-1, -1, dim), table(ids) * keep[..., None])
+    place = torch.arange(length, device=ids.device, dtype=out.dtype)[:, None]
+    freq = torch.exp(
+        torch.arange(0, dim, 2, device=ids.device, dtype=out.dtype) * (-math.log(100.0) / dim)
+    )
+    code = torch.zeros(length, dim, device=ids.device, dtype=out.dtype)
+    code[:, 0::2], code[:, 1::2] = torch.sin(place * freq), torch.cos(place * freq)
+    mask = torch.arange(length, device=ids.device)[None] < keep.sum(1, keepdim=True)
+    return (out[:, :length] + code) * mask[..., None], mask
 
 
 def pool_cells(states: Tensor, cells: Tensor) -> Tensor:

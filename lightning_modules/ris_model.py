@@ -41,6 +41,7 @@ from lightning_modules.grounding import (
     spread_top,
     target_distribution,
     token_centroids,
+    word_states,
     word_query,
 )
 from lightning_modules.mask_decoding import SegPromptHead, decode_masks, dice_loss
@@ -189,6 +190,13 @@ class RISModel(pl.LightningModule):
                 "grounding.rerank_shape is the side of the candidate masks' shape code and must "
                 f"be ≥ 0 (0 = off); got {g.rerank_shape}."
             )
+        if g.rerank_context < 0 or (g.rerank_context > 0 and g.dim % g.fusion_heads):
+            raise ConfigError(
+                "grounding.rerank_context is a number of encoder layers (0 = off), ≥ 0, and "
+                "grounding.fusion_heads must divide the re-ranker's width grounding.dim; got "
+                f"rerank_context={g.rerank_context}, dim={g.dim}, "
+                f"fusion_heads={g.fusion_heads}."
+            )
         if not g.rerank_spread >= 0:
             raise ConfigError(
                 "grounding.rerank_spread is a distance (a fraction of the feature grid's side) "
@@ -221,6 +229,7 @@ class RISModel(pl.LightningModule):
                     rerank_geometry=mask_geometry_dim(g.rerank_shape) if g.rerank_shape else 0,
                     rerank_vocab=len(tokenizer) if g.rerank_query == "words" else 0,
                     query_vocab=len(tokenizer) if g.query_words else 0,
+                    rerank_context=int(g.rerank_context),
                 )
             else:
                 rank_zero_warn(
@@ -495,11 +504,14 @@ class RISModel(pl.LightningModule):
         votes = None
         if self.grounding.rerank_vote is not None:
             votes = mask_votes(logits.detach().float().softmax(-1), regions, cells)
-        query = seg_hidden
-        if self.grounding.rerank_words is not None:
-            query = word_query(self.grounding.rerank_words, *self._prompt_words(batch))
+        query, words, table = seg_hidden, None, self.grounding.rerank_words
+        if table is not None:
+            prompt = self._prompt_words(batch)
+            query = word_query(table, *prompt)
+            if len(self.grounding.rerank_context):  # the words in order, for the encoder
+                words = word_states(table, *prompt)
         extra["rerank_logits"] = self.grounding.rerank_logits(
-            query, pooled, ccodes, cells.sum(-1) / (h * w), real, votes, geometry
+            query, pooled, ccodes, cells.sum(-1) / (h * w), real, votes, geometry, words
         )
         if target_cells is not None:
             extra["rerank_iou"] = cell_iou(cells, target_cells)

@@ -20,6 +20,7 @@ from lightning_modules.grounding import (
     target_distribution,
     token_centroids,
     word_query,
+    word_states,
 )
 
 
@@ -332,3 +333,58 @@ def test_spread_top_skips_tokens_near_those_taken():
     top2, real2 = spread_top(both, centres.expand(2, -1, -1), 4, 0.4)
     assert top2[0].tolist() == [0, 2, 0, 0] and real2[0].tolist() == real[0].tolist()
     assert top2[1].tolist() == [8, 6, 2, 0] and real2[1].all()
+
+
+def test_word_states_are_the_kept_words_in_order_with_their_place():
+    """`rerank_context` reads the prompt's words in order: the kept tokens' embeddings packed to
+    the front, each plus a code of its place among the kept ones, so a sample's word states do
+    not depend on where its <image> slot or its padding sit."""
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(10, 6)
+    ids = torch.tensor([[7, 3, 5, 2, 0], [3, 5, 0, 0, 0]])
+    keep = torch.tensor([[False, True, True, True, False], [True, True, False, False, False]])
+    states, mask = word_states(table, ids, keep)
+    assert states.shape == (2, 3, 6) and mask.tolist() == [[True] * 3, [True, True, False]]
+    # the same two words first in both rows (3, 5): the same states; the padding slot is zero
+    torch.testing.assert_close(states[0, :2], states[1, :2])
+    assert (states[1, 2] == 0).all()
+    # place codes differ: the same word at another place has another state
+    first, _ = word_states(table, torch.tensor([[5, 3]]), torch.tensor([[True, True]]))
+    assert not torch.allclose(first[0, 0], states[0, 1])
+    # what is not kept never reaches the states
+    other = ids.clone()
+    other[0, 0], other[0, 4] = 9, 8
+    torch.testing.assert_close(word_states(table, other, keep)[0], states)
+
+
+def test_rerank_context_starts_as_the_plain_reranker_and_then_compares_candidates():
+    """Fresh `rerank_context` layers are the identity: the scores are the plain re-ranker's.
+    Once trained (random weights here) a candidate's score depends on the other candidates and
+    on the word order, and padding candidates still change nothing."""
+    torch.manual_seed(0)
+    plain = GroundingHead(8, 4, 6, pointer=True, rerank=True, rerank_vocab=10)
+    ctx = GroundingHead(8, 4, 6, pointer=True, rerank=True, rerank_vocab=10, rerank_context=1)
+    ctx.load_state_dict(plain.state_dict(), strict=False)
+    ids, keep = torch.tensor([[3, 5, 7]]), torch.ones(1, 3, dtype=torch.bool)
+    q, words = word_query(ctx.rerank_words, ids, keep), word_states(ctx.rerank_words, ids, keep)
+    pooled, codes, area = torch.randn(1, 3, 8), torch.randn(1, 3, 6), torch.rand(1, 3)
+    real = torch.tensor([[True, True, False]])
+
+    def scores(head, pooled=pooled, words=words):
+        return head.rerank_logits(q, pooled, codes, area, real, words=words)
+
+    torch.testing.assert_close(scores(ctx), scores(plain))
+    assert torch.isinf(scores(ctx)[0, 2])
+    with torch.no_grad():
+        for p in ctx.rerank_context.parameters():
+            p.normal_(0, 0.5)
+    base = scores(ctx)
+    other = pooled.clone()
+    other[0, 1] += 1.0  # change candidate 1: candidate 0's score moves with it
+    assert not torch.allclose(scores(ctx, other)[0, 0], base[0, 0])
+    assert torch.allclose(scores(plain, other)[0, 0], scores(plain)[0, 0])
+    pad = pooled.clone()
+    pad[0, 2] += 1.0  # the padding candidate: nothing moves
+    torch.testing.assert_close(scores(ctx, pad), base)
+    swapped = word_states(ctx.rerank_words, ids.flip(1), keep)  # same bag, other order
+    assert not torch.allclose(scores(ctx, words=swapped), base)

@@ -69,15 +69,18 @@ RERANK_FEATURES = (
 )
 # on the 5×5 sample (centroid spacing 0.2) a taken token's neighbours are skipped
 RERANK_SPREAD = (*RERANK_FEATURES, "grounding.rerank_spread=0.3")
+RERANK_CONTEXT = (*RERANK_FEATURES, "grounding.rerank_context=2")
 
 
 def _wake_fusion(model) -> None:
     """Fresh fusion layers are the identity (zero-initialised residual branches); give them
-    trained-looking weights so the tests exercise the attention over the sentence."""
+    trained-looking weights so the tests exercise the attention over the sentence (and, for
+    `rerank_context`, over the candidates and the words)."""
     if model.grounding is not None:
         with torch.no_grad():
-            for p in model.grounding.fusion.parameters():
-                p.normal_(0, 0.1)
+            for layers in (model.grounding.fusion, model.grounding.rerank_context):
+                for p in layers.parameters():
+                    p.normal_(0, 0.1)
 
 
 @pytest.mark.parametrize(
@@ -92,6 +95,7 @@ def _wake_fusion(model) -> None:
         RERANK_ON,
         RERANK_FEATURES,
         RERANK_SPREAD,
+        RERANK_CONTEXT,
         BIDIRECTIONAL,
     ],
     ids=[
@@ -104,6 +108,7 @@ def _wake_fusion(model) -> None:
         "rerank",
         "rerank_features",
         "rerank_spread",
+        "rerank_context",
         "bidirectional",
     ],
 )
@@ -141,7 +146,7 @@ def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path)
         torch.testing.assert_close(
             alone["point_votes"][0], batched["point_votes"][0, :4], atol=1e-5, rtol=0
         )
-    if extra in (RERANK_ON, RERANK_FEATURES, RERANK_SPREAD):
+    if extra in (RERANK_ON, RERANK_FEATURES, RERANK_SPREAD, RERANK_CONTEXT):
         # the re-ranker scores the same 4 candidate masks batched or alone
         assert alone["point_pick"][0] == batched["point_pick"][0]
         assert torch.isinf(batched["rerank_logits"][0, 4:]).all()
@@ -151,7 +156,7 @@ def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path)
         torch.testing.assert_close(
             alone["rerank_iou"][0], batched["rerank_iou"][0, :4], atol=1e-5, rtol=0
         )
-    if extra in (SMOOTH_ON, VOTE_ON, RERANK_ON, RERANK_FEATURES, RERANK_SPREAD):
+    if extra in (SMOOTH_ON, VOTE_ON, RERANK_ON, RERANK_FEATURES, RERANK_SPREAD, RERANK_CONTEXT):
         # the smoothed pointer scores ignore padding
         torch.testing.assert_close(
             alone["point_scores"][0], batched["point_scores"][0, :4], atol=1e-5, rtol=0
@@ -189,6 +194,12 @@ def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, t
         (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_shape=4"),
         (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_query=words"),
         (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_spread=0.3"),
+        (
+            *GROUNDING_ON,
+            "grounding.rerank=3",
+            "grounding.rerank_query=words",
+            "grounding.rerank_context=1",
+        ),
         (*GROUNDING_ON, "grounding.query_words=true"),
     ],
     ids=[
@@ -200,6 +211,7 @@ def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, t
         "rerank_shape",
         "rerank_words",
         "rerank_spread",
+        "rerank_context",
         "query_words",
     ],
 )
@@ -357,14 +369,16 @@ def test_every_projector_trains_under_bf16_autocast(
     projector, synthref_root, tiny_sam_checkpoint, tmp_path
 ):
     """`trainer=gpu` trains in bf16-mixed (autocast): each projector, with the re-ranker's
-    feature, shape and word paths on, gives finite masks and loss in bf16, finite float32
+    feature, shape, word, spread and context paths on, gives finite masks and loss in bf16, finite float32
     gradients wherever a gradient arrives, and one to every projector parameter. CPU autocast
     stands in for CUDA's here (same op lists for the dtype casts); the run on an H100 is in
     docs/BENCHMARKS.md."""
     torch.manual_seed(0)
-    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, projector, RERANK_FEATURES)
+    extra = (*RERANK_CONTEXT, "grounding.rerank_spread=0.3")
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, projector, extra)
     tok = tokenizer_for(cfg)
     model = RISModel(cfg, tok)
+    _wake_fusion(model)
     collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
     batch = collate(_items(synthref_root, [2, 5, 3]))
     with torch.autocast("cpu", dtype=torch.bfloat16):
