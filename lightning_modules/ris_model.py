@@ -41,8 +41,8 @@ from lightning_modules.grounding import (
     spread_top,
     target_distribution,
     token_centroids,
-    word_states,
     word_query,
+    word_states,
 )
 from lightning_modules.mask_decoding import SegPromptHead, decode_masks, dice_loss
 from lightning_modules.metrics import CIoU, GIoU, token_stats
@@ -491,8 +491,14 @@ class RISModel(pl.LightningModule):
         with torch.no_grad():  # the candidates are inputs to the re-ranker, not trained through
             g = self.cfg.grounding
             top, real, cells, masks = self._candidates(
-                seg_hidden.detach(), logits.detach(), codes, grid, batch, g.rerank,
-                token_centroids(regions, *grid), g.rerank_spread,
+                seg_hidden.detach(),
+                logits.detach(),
+                codes,
+                grid,
+                batch,
+                g.rerank,
+                token_centroids(regions, *grid),
+                g.rerank_spread,
             )
             geometry = None
             if self.cfg.grounding.rerank_shape > 0:
