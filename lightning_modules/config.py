@@ -200,15 +200,53 @@ def rebase_config(
     saved_groups = {k: v for k, v in (saved.pop("groups", None) or {}).items() if k in GROUP_NAMES}
     groups = {**saved_groups, **choices}
     cfg = load_config([f"{k}={v}" for k, v in groups.items()])
+    # options newer than the run (absent from its file) take their schema default — the run was
+    # trained without them — not what today's preset or recipe sets (a run saved before
+    # `grounding.rerank_context` existed must not grow encoder layers its weights lack)
+    kept = {k: v for k, v in resolved_dict(cfg).items() if k not in choices and k != "groups"}
+    newer = _missing(kept, saved, _schema_defaults(groups))
     overlays = {g.name for g in GROUPS if g.overlay}
     for group in choices:  # a newly chosen group replaces the saved node of that group
         node = saved.pop(group, None)
         if group in overlays and isinstance(node, dict) and group in saved_groups:
             built = load_config([f"{k}={v}" for k, v in saved_groups.items()])
             saved[group] = _changed(node, resolved_dict(built)[group])
+    merge_into(cfg, newer, f"{where} (schema defaults of options it predates)")
     merge_into(cfg, saved, where)
     merge_into(cfg, OmegaConf.from_dotlist(values), "command line")
     return cfg
+
+
+def _schema_defaults(groups: dict) -> dict:
+    """Every option's schema default (the dataclasses', before any YAML), the projector's and
+    the superpixel source's by the chosen names in `groups`."""
+    def plain(schema: type) -> dict:
+        return OmegaConf.to_container(OmegaConf.structured(schema), resolve=False)
+
+    out = plain(_make_run_schema())
+    for group, schema in (("projector", _projector_schema), ("superpixels", _source_schema)):
+        try:
+            out[group] = plain(schema(groups[group]))
+        except KeyError:  # no such choice saved: nothing to fill in
+            out.pop(group, None)
+    return out
+
+
+def _missing(built: dict, saved: dict, defaults: dict) -> dict:
+    """The schema defaults (from `defaults`) of the keys of `built` that `saved` lacks, nested
+    mappings key by key; keys without a schema default are left out."""
+    out = {}
+    for key, value in built.items():
+        if key not in defaults:
+            continue
+        if key not in saved:
+            out[key] = defaults[key]
+        elif isinstance(value, dict) and isinstance(saved[key], dict):
+            if isinstance(defaults[key], dict):
+                sub = _missing(value, saved[key], defaults[key])
+                if sub:
+                    out[key] = sub
+    return out
 
 
 def _changed(values: dict, base: dict) -> dict:

@@ -101,6 +101,7 @@ def test_grounding_recipe_group_overrides_the_model_and_yields_to_the_command_li
     dotted overrides still win; a saved run keeps its recipe and can switch it."""
     preset = load_config(["projector=mlp"])  # the tiny preset's recipe: the re-ranker
     assert preset.groups["grounding"] == "patch_rerank" and preset.grounding.rerank == 8
+    assert preset.grounding.rerank_context == 2 and preset.grounding.rerank_spread == 0.1
     plain = load_config(["projector=mlp", "grounding=default"])
     assert plain.grounding.pointer_vote == 0 and plain.grounding.rerank == 0
     patch = load_config(["projector=mlp", "grounding=patch"])
@@ -139,3 +140,27 @@ def test_a_new_grounding_recipe_keeps_the_saved_runs_own_grounding_settings(tmp_
     assert kept.grounding.pointer_vote == 2
     pool = load_saved_config(path, ["projector=pool"])
     assert pool.projector.name == "pool" and pool.grounding.rerank == 4
+
+
+def test_a_saved_run_takes_schema_defaults_for_options_newer_than_it(tmp_path):
+    """A run saved before an option existed was trained without it: reloading it gives that
+    option its schema default (off), not what today's preset or recipe sets — the tiny preset's
+    recipe now sets `grounding.rerank_context: 2`, which a session-13 run's weights lack. Options
+    the file does hold keep their saved values; a new group choice still brings its own values."""
+    cfg = load_config(["projector=semantic", "projector.sspe_frequencies=3"])
+    assert cfg.grounding.rerank_context == 2 and cfg.grounding.rerank_spread == 0.1
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    del saved["grounding"]["rerank_context"], saved["grounding"]["rerank_spread"]
+    del saved["projector"]["shape_size"]  # filled from the projector's own schema
+    saved["projector"]["max_tokens"] = 32
+    path = tmp_path / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+    old = load_saved_config(path)
+    assert old.grounding.rerank_context == 0 and old.grounding.rerank_spread == 0.0
+    assert old.grounding.rerank == 8 and old.groups["grounding"] == "patch_rerank"
+    assert old.projector.shape_size == 4 and old.projector.max_tokens == 32
+    assert old.projector.sspe_frequencies == 3
+    # the command line still wins, and a newly chosen group comes with its own values
+    assert load_saved_config(path, ["grounding.rerank_context=1"]).grounding.rerank_context == 1
+    pool = load_saved_config(path, ["projector=pool"])
+    assert pool.projector.name == "pool" and pool.grounding.rerank_context == 0
