@@ -220,6 +220,7 @@ def rebase_config(
 def _schema_defaults(groups: dict) -> dict:
     """Every option's schema default (the dataclasses', before any YAML), the projector's and
     the superpixel source's by the chosen names in `groups`."""
+
     def plain(schema: type) -> dict:
         return OmegaConf.to_container(OmegaConf.structured(schema), resolve=False)
 
