@@ -436,20 +436,19 @@ def word_states(table: nn.Embedding, ids: Tensor, keep: Tensor) -> tuple[Tensor,
     """The prompt's words in order for `rerank_context`: B×T'×dim, each kept token's embedding
     in `table` plus a sinusoidal code of its place among the kept tokens (the <image> slot and
     padding do not count), and B×T' which slots are words (T' = the most kept in a sample)."""
-    order = keep.long().cumsum(1) - 1  # each kept token's place among the kept tokens
     length = max(int(keep.sum(1).max()), 1)
-    slot = torch.where(keep, order, torch.full_like(order, length))  # dropped → a spare slot
+    # the kept tokens moved to the front in their order (a stable sort on "dropped")
+    front = (~keep).to(torch.uint8).argsort(dim=1, stable=True)[:, :length]
+    mask = keep.gather(1, front)
     dim = table.embedding_dim
-    out = table.weight.new_zeros(ids.shape[0], length + 1, dim)
-    out.scatter_(1, slot[..., None].expand(-1, -1, dim), table(ids) * keep[..., None])
+    out = table(ids.gather(1, front))
     place = torch.arange(length, device=ids.device, dtype=out.dtype)[:, None]
     freq = torch.exp(
         torch.arange(0, dim, 2, device=ids.device, dtype=out.dtype) * (-math.log(100.0) / dim)
     )
     code = torch.zeros(length, dim, device=ids.device, dtype=out.dtype)
     code[:, 0::2], code[:, 1::2] = torch.sin(place * freq), torch.cos(place * freq)
-    mask = torch.arange(length, device=ids.device)[None] < keep.sum(1, keepdim=True)
-    return (out[:, :length] + code) * mask[..., None], mask
+    return (out + code) * mask[..., None], mask
 
 
 def pool_cells(states: Tensor, cells: Tensor) -> Tensor:

@@ -422,7 +422,7 @@ class RISModel(pl.LightningModule):
             else:  # the scored visual states, each token by the share of its footprint inside
                 pool = partial(pool_in_masks, vis, regions)
             rerank_top = self._rerank(
-                seg_hidden, logits, pool, codes, regions, (h, w), batch, cells, extra
+                seg_hidden, logits, pool, codes, centres, regions, (h, w), batch, cells, extra
             )
         weights = logits.softmax(-1)
         if self.training and g.teacher_forcing and "ground_target" in extra:
@@ -452,7 +452,7 @@ class RISModel(pl.LightningModule):
         themselves (K×h'×w' bool at SAM's low resolution, the image's part of its frame)."""
         b, n = scores.shape
         k = min(int(k), n)
-        top, real = spread_top(scores, centres, k, spread if centres is not None else 0.0)
+        top, real = spread_top(scores, centres, k, spread)
         onehot = F.one_hot(top, n).to(codes.dtype)
         prompts = self.seg_head(seg_hidden[:, None] + self.grounding.point(onehot @ codes))
         images = batch["images"]
@@ -482,12 +482,14 @@ class RISModel(pl.LightningModule):
         return top.gather(1, votes.argmax(-1, keepdim=True))[:, 0]
 
     def _rerank(
-        self, seg_hidden, logits, pool, codes, regions, grid, batch, target_cells, extra
+        self, seg_hidden, logits, pool, codes, centres, regions, grid, batch, target_cells, extra
     ) -> torch.Tensor:
         """Scores (B×K) of the masks decoded from the top `grounding.rerank` tokens, from the
         states that `pool` (B×K×(h·w) mask cell fractions → B×K×D) pools inside each; stores
         them and (given the target's grid cells, `target_cells` B×(h·w) or None) each
-        candidate's grid IoU with the target in `extra`. Returns the candidates' indices."""
+        candidate's grid IoU with the target in `extra`. `centres` (the tokens' footprint
+        centroids, `token_centroids`) keep the candidates apart with `rerank_spread`. Returns the
+        candidates' indices."""
         with torch.no_grad():  # the candidates are inputs to the re-ranker, not trained through
             g = self.cfg.grounding
             top, real, cells, masks = self._candidates(
@@ -497,7 +499,7 @@ class RISModel(pl.LightningModule):
                 grid,
                 batch,
                 g.rerank,
-                token_centroids(regions, *grid),
+                centres,
                 g.rerank_spread,
             )
             geometry = None
