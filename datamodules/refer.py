@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from datamodules.errors import DataError
+from common.errors import DataError
+from common.files import file_key
 
 DATASETS: dict[str, tuple[str, ...]] = {
     "refcoco": ("unc", "google"),
@@ -319,13 +320,8 @@ def _ordered_splits(refs: Iterable[dict]) -> tuple[str, ...]:
     return (*known, *sorted(present - set(SPLIT_ORDER)))
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_mtime_ns, stat.st_size
-
-
 def _load_refs(path: Path) -> tuple[dict, ...]:
-    return _read_refs(path, _stamp(path))
+    return _read_refs(path, file_key(path))
 
 
 def _load_instances(path: Path) -> _Instances:
@@ -333,11 +329,11 @@ def _load_instances(path: Path) -> _Instances:
         raise DataError(
             f"{path} does not exist. Put the COCO instances file of {path.parent.name} there."
         )
-    return _read_instances(path, _stamp(path))
+    return _read_instances(path, file_key(path))
 
 
 @functools.lru_cache(maxsize=8)
-def _read_refs(path: Path, stamp: tuple[int, int]) -> tuple[dict, ...]:
+def _read_refs(path: Path, stamp: str) -> tuple[dict, ...]:
     """Parse and check a refs pickle; `stamp` (mtime, size) keys the cache so edits are re-read."""
     try:
         with path.open("rb") as f:
@@ -369,7 +365,7 @@ def _read_refs(path: Path, stamp: tuple[int, int]) -> tuple[dict, ...]:
 
 
 @functools.lru_cache(maxsize=4)
-def _read_instances(path: Path, stamp: tuple[int, int]) -> _Instances:
+def _read_instances(path: Path, stamp: str) -> _Instances:
     """Parse, check and index instances.json; `stamp` keys the cache as in `_read_refs`."""
     try:
         with path.open(encoding="utf-8") as f:

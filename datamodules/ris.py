@@ -11,8 +11,7 @@ import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from datamodules.augment import FlipConfig, flip_item
-from datamodules.errors import DataError
+from common.errors import DataError
 from datamodules.refer import ReferDataset
 
 
@@ -57,29 +56,13 @@ class PromptEncoder:
         return TextEncoding(ids, labels)
 
 
-class _TorchRandom:
-    """Uniform draws from torch's global generator: seeded by `seed_everything` in the main
-    process and per worker by the DataLoader, so augmented runs reproduce from the seed."""
-
-    @staticmethod
-    def random() -> float:
-        return float(torch.rand(()))
-
-
 class RISDataset(Dataset):
-    """One sample per sentence, with its image's superpixel map when a store is given.
+    """One sample per sentence, with its image's superpixel map when a store is given."""
 
-    With `flip` (training only) each sample is flipped at random, the sentence's spatial words
-    with it (`datamodules.augment`); the sample's `view` says how.
-    """
-
-    def __init__(
-        self, refer: ReferDataset, store=None, label_size: int = 64, flip: FlipConfig | None = None
-    ):
+    def __init__(self, refer: ReferDataset, store=None, label_size: int = 64):
         self.refer = refer
         self.store = store
         self.label_size = label_size
-        self.flip = flip if flip is not None and flip.active else None
 
     def __len__(self) -> int:
         return len(self.refer)
@@ -88,8 +71,6 @@ class RISDataset(Dataset):
         item = dict(self.refer[index])
         if self.store is not None:
             item["superpixels"] = self.store.get(item["image_id"])
-        if self.flip is not None:
-            item = flip_item(item, self.flip.draw(_TorchRandom))
         if "superpixels" in item:
             item["labels"] = resize_labels(item["superpixels"], self.label_size)
         return item
@@ -120,7 +101,6 @@ class RISCollate:
             "image_ids": torch.tensor([int(it["image_id"]) for it in items]),
             "ref_ids": torch.tensor([int(it["ref_id"]) for it in items]),
             "sent_ids": torch.tensor([int(it["sent_id"]) for it in items]),
-            "views": torch.tensor([int(it.get("view", 0)) for it in items]),
         }
         if "labels" in items[0]:
             batch["labels"] = torch.from_numpy(np.stack([it["labels"] for it in items]))
@@ -185,8 +165,7 @@ class RISDataModule(pl.LightningDataModule):
         if self.needs_superpixels and self.store is None:
             self.store = self._ensure_store(compute=False)
         if stage in (None, "fit") and self.train_set is None:
-            flip = FlipConfig(**_plain(d.augment))
-            train = RISDataset(self._refer(d.train_split), self.store, d.label_size, flip)
+            train = RISDataset(self._refer(d.train_split), self.store, d.label_size)
             self.train_set = _limit(train, d.limit_train_sentences, self.cfg.seed)
         for split in d.eval_splits:
             if split not in self.eval_sets:

@@ -1,4 +1,5 @@
-"""The language model and its tokenizer: a tiny LLaMA trained from scratch, or local real weights.
+"""The language model, its tokenizer and its input sequence: a tiny LLaMA trained from scratch, or
+local real weights.
 
 Both tokenizers carry the two tokens the RIS model needs: ``<image>`` (where the visual tokens are
 spliced into ``inputs_embeds``) and ``[SEG]`` (whose hidden state becomes SAM's prompt).
@@ -6,8 +7,11 @@ spliced into ``inputs_embeds``) and ``[SEG]`` (whose hidden state becomes SAM's 
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
 from peft import LoraConfig, TaskType, get_peft_model
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
@@ -19,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from datamodules.errors import ConfigError
+from common.errors import ConfigError
 
 IMAGE_TOKEN = "<image>"
 SEG_TOKEN = "[SEG]"
@@ -56,39 +60,10 @@ class LLMConfig:
     num_key_value_heads: int = 4
     intermediate_size: int = 256
     max_position_embeddings: int = 512
-    # tiny LLM only: std of the random word embeddings (None = HF's initializer_range, 0.02); a
-    # larger value keeps the words audible beside visual tokens of a much larger norm
-    embed_init_std: float | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     full_finetune: bool = True
     dtype: str = "float32"
     gradient_checkpointing: bool = False
-    # how the visual tokens attend to each other: `causal` (LLaVA/LISA: each sees the ones before
-    # it) or `bidirectional` (each sees every visual token of its image, as Gemma 3's and
-    # PaliGemma's image tokens do; the text stays causal) — a patch then sees the rest of its
-    # object, not only the patches above and to its left
-    visual_attention: str = "causal"
-
-
-VISUAL_ATTENTION = ("causal", "bidirectional")
-
-
-def prefix_attention_mask(
-    attn: torch.Tensor, image_pos: torch.Tensor, num_vis: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """Additive B×1×L×L mask (0 = attend, dtype's min = not): causal over the valid positions of
-    `attn` (B×L, right padding), plus every visual token of a sample attending to all of its
-    visual tokens [image_pos, image_pos + num_vis). Padded rows keep position 0, so no row is
-    empty."""
-    length = attn.shape[1]
-    p = torch.arange(length, device=attn.device)
-    causal = p[None, :, None] >= p[None, None, :]  # 1×L(query)×L(key)
-    keys = attn.bool()[:, None, :]
-    vis = (p[None] >= image_pos[:, None]) & (p[None] < (image_pos + num_vis)[:, None])  # B×L
-    block = vis[:, :, None] & vis[:, None, :]
-    allowed = (causal & keys) | block
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=attn.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def build_tokenizer(
@@ -177,8 +152,6 @@ def _tiny_llama(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTraine
         eos_token_id=tokenizer.eos_token_id,
     )
     model = AutoModelForCausalLM.from_config(config)
-    if cfg.embed_init_std is not None:
-        torch.nn.init.normal_(model.get_input_embeddings().weight, std=cfg.embed_init_std)
     dtype = _dtype(cfg)
     return model if dtype == "auto" else model.to(dtype)
 
@@ -208,11 +181,6 @@ def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Mo
         raise ConfigError(
             "llm.lora.enabled and llm.full_finetune are both true; set one of them to false"
         )
-    if cfg.visual_attention not in VISUAL_ATTENTION:
-        raise ConfigError(
-            f"llm.visual_attention must be one of {', '.join(VISUAL_ATTENTION)}, "
-            f"got {cfg.visual_attention!r}."
-        )
     model = _pretrained(cfg) if cfg.path else _tiny_llama(cfg, tokenizer)
     if model.get_input_embeddings().num_embeddings != len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
@@ -240,3 +208,91 @@ def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Mo
             ) from e
     _train_embeddings(model)
     return model
+
+
+class Sequence(NamedTuple):
+    """The LLM's input: embeddings B×L×D, attention mask B×L, text labels B×L (−100 where no
+    loss: visual tokens, prompt, padding) and the position of [SEG] per sample."""
+
+    embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    seg_pos: torch.Tensor
+
+
+def build_sequence(
+    llm, tokens: torch.Tensor, token_mask: torch.Tensor, batch: dict, image_id: int, seg_id: int
+) -> Sequence:
+    """Splice each sample's own visual tokens (`tokens` B×N×D where `token_mask`) in place of its
+    `<image>` token and pad on the right, so every sample keeps its own number of tokens."""
+    embed = llm.get_input_embeddings()
+    ids, labels, lengths = batch["input_ids"], batch["text_labels"], batch["text_lengths"]
+    seqs, labs, seg_pos = [], [], []
+    for b in range(ids.shape[0]):
+        row = ids[b, : int(lengths[b])]
+        where = (row == image_id).nonzero()
+        if len(where) != 1:
+            raise ValueError(f"sample {b}: expected exactly one <image> token, found {len(where)}")
+        k = int(where[0])
+        vis = tokens[b][token_mask[b]]
+        text = embed(row)
+        seqs.append(torch.cat([text[:k], vis.to(text.dtype), text[k + 1 :]]))
+        fill = torch.full((vis.shape[0],), -100, dtype=labels.dtype, device=labels.device)
+        labs.append(torch.cat([labels[b, :k], fill, labels[b, k + 1 : len(row)]]))
+        seg = (torch.cat([row[:k], fill, row[k + 1 :]]) == seg_id).nonzero()
+        if len(seg) == 0:
+            raise ValueError(f"sample {b}: the answer has no [SEG] token")
+        seg_pos.append(int(seg[0]))
+    length = max(s.shape[0] for s in seqs)
+    emb = seqs[0].new_zeros((len(seqs), length, seqs[0].shape[-1]))
+    attn = torch.zeros((len(seqs), length), dtype=torch.long, device=emb.device)
+    lab_out = torch.full((len(seqs), length), -100, dtype=labels.dtype, device=labels.device)
+    for b, (s, lb) in enumerate(zip(seqs, labs)):
+        emb[b, : s.shape[0]] = s
+        attn[b, : s.shape[0]] = 1
+        lab_out[b, : lb.shape[0]] = lb
+    return Sequence(emb, attn, lab_out, torch.tensor(seg_pos, device=emb.device))
+
+
+def text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the answer tokens (labels ≠ −100), mean over the batch."""
+    target = labels[:, 1:]
+    token_ce = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="none"
+    )
+    valid = (target != -100).float()
+    return (token_ce * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+def seg_state(hidden: torch.Tensor, seg_pos: torch.Tensor) -> torch.Tensor:
+    """B×D float: the last hidden state that predicts [SEG] (one position before it)."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), seg_pos - 1].float()
+
+
+def tokenizer_texts(cfg: DictConfig) -> list[str]:
+    """Every sentence of the training split (and SynthRef's full grammar vocabulary)."""
+    from datamodules.refer import ReferDataset
+
+    refer = ReferDataset(cfg.data.root, cfg.data.dataset, cfg.data.split_by, cfg.data.train_split)
+    texts = [s.get("sent", "") for ref in refer.refs for s in ref["sentences"]]
+    if cfg.data.dataset == "synthref":
+        from datamodules.synthetic import synthref_vocabulary
+
+        texts.append(" ".join(synthref_vocabulary()))
+    texts.append(cfg.data.prompt.replace("{sentence}", ""))
+    texts.append(cfg.data.answer)
+    return texts
+
+
+def tokenizer_for(cfg: DictConfig, save_dir: str | Path | None = None):
+    """A real model's own tokenizer (llm.path / llm.tokenizer_path) or a tiny one trained on the
+    data set's words, saved in (and, once there, read back from) `save_dir`."""
+    source = cfg.llm.tokenizer_path or cfg.llm.path
+    if source:
+        tok = load_tokenizer(source)
+        if save_dir is not None:
+            tok.save_pretrained(save_dir)
+        return tok
+    if save_dir is not None and (Path(save_dir) / "tokenizer.json").is_file():
+        return load_tokenizer(save_dir)
+    return build_tokenizer(tokenizer_texts(cfg), save_dir)

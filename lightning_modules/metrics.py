@@ -115,3 +115,67 @@ def token_stats(counts) -> dict[str, float]:
         "p50": float(np.percentile(values, 50)),
         "p95": float(np.percentile(values, 95)),
     }
+
+
+# What `svp train` / `svp eval` report per eval split, in this order (`<split>_<name>` in
+# metrics.json, `<stage>/<split>/<name>` in TensorBoard).
+SPLIT_METRICS = (
+    "ciou",
+    "giou",
+    "tokens_mean",
+    "tokens_p50",
+    "tokens_p95",
+    "seq_len_mean",
+    "point_acc",
+    "ciou_hit",
+    "ciou_miss",
+)
+
+
+class SplitMetrics(torch.nn.Module):
+    """Everything one eval split accumulates: cIoU and gIoU, visual tokens and sequence lengths
+    per sample and, with a grounding pointer, which sentences it pointed right at (hits) and the
+    cIoU of the hits and of the misses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ciou, self.giou = CIoU(), GIoU()
+        self.ciou_hit, self.ciou_miss = CIoU(), CIoU()
+        self.tokens: list[int] = []
+        self.seq_len: list[int] = []
+        self.hits: list[int] = []
+
+    def update(self, preds, targets, tokens, seq_len, hits: torch.Tensor | None = None) -> None:
+        self.ciou.update(preds, targets)
+        self.giou.update(preds, targets)
+        self.tokens.extend(tokens.tolist())
+        self.seq_len.extend(seq_len.tolist())
+        if hits is not None:
+            self.hits.extend(hits.long().tolist())
+            for metric, keep in ((self.ciou_hit, hits), (self.ciou_miss, ~hits)):
+                picked = keep.nonzero()[:, 0].tolist()
+                metric.update([preds[i] for i in picked], [targets[i] for i in picked])
+
+    def compute(self, gather) -> dict[str, torch.Tensor | float]:
+        """The split's metrics (`SPLIT_METRICS` names); `gather` joins a list across DDP ranks.
+        Resets the accumulators."""
+        out: dict[str, torch.Tensor | float] = {"ciou": self.ciou.compute()}
+        out["giou"] = self.giou.compute()
+        counts, lens = gather(self.tokens), gather(self.seq_len)
+        if counts:
+            out.update({f"tokens_{k}": v for k, v in token_stats(counts).items()})
+            out["seq_len_mean"] = float(np.mean(lens))
+        hits = gather(self.hits)
+        if hits:  # a sentence without a target counts as a miss
+            out["point_acc"] = float(np.mean(hits))
+            for name, metric, n in (
+                ("ciou_hit", self.ciou_hit, sum(hits)),
+                ("ciou_miss", self.ciou_miss, len(hits) - sum(hits)),
+            ):
+                value = metric.compute()
+                if n:
+                    out[name] = value
+        for metric in (self.ciou, self.giou, self.ciou_hit, self.ciou_miss):
+            metric.reset()
+        self.tokens, self.seq_len, self.hits = [], [], []
+        return out

@@ -1,14 +1,12 @@
 """Vision towers (CLIP, DINOv2, SAM's image encoder) that turn images into patch feature maps.
 
 A tower returns one layer's patch tokens as a B×C×h×w map (class and register tokens dropped), the
-input every projector takes. Frozen towers' features can be cached on disk with `FeatureCache`.
+input every projector takes.
 """
 
 import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -27,8 +25,9 @@ from transformers import (
     Dinov2WithRegistersModel,
 )
 
-from datamodules.errors import ConfigError
-from lightning_modules.sam_builder import encoder_state_channels, encoder_states, load_sam
+from common.errors import ConfigError
+from common.files import file_key
+from common.sam import encoder_state_channels, encoder_states, load_sam
 
 TOWER_NAMES = ("clip", "dinov2", "sam_encoder")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -61,20 +60,15 @@ class VisionTowerConfig:
     frozen: bool = True
 
 
-def _file_identity(path: Path) -> list:
-    st = path.stat()
-    return [path.name, st.st_size, int(st.st_mtime)]
-
-
-def _weights_identity(path: str | None) -> list:
-    """Name, size and mtime of the weight files, so replaced weights change the hash."""
+def _weights_key(path: str | None) -> str | None:
+    """`file_key` of the weight files, so replaced weights change the hash."""
     if path is None:
-        return []
+        return None
     p = Path(path)
-    if p.is_dir():
-        return [_file_identity(f) for f in sorted(p.iterdir()) if f.is_file()]
-    files = [p, p.with_suffix(".json")]
-    return [_file_identity(f) for f in files if f.is_file()]
+    files = (
+        sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p, p.with_suffix(".json")]
+    )
+    return file_key(*(f for f in files if f.is_file()))
 
 
 def _check_path(cfg: VisionTowerConfig, want_dir: bool) -> None:
@@ -83,7 +77,7 @@ def _check_path(cfg: VisionTowerConfig, want_dir: bool) -> None:
     if not ok:
         kind = "a save_pretrained folder" if want_dir else "a SAM checkpoint file"
         raise ConfigError(
-            f"vision_tower.path={cfg.path!r} is not {kind} for vision_tower.name={cfg.name!r}; "
+            f"vision.path={cfg.path!r} is not {kind} for vision.name={cfg.name!r}; "
             "point it at local weights or set it to null for a tiny random-init tower"
         )
 
@@ -100,8 +94,8 @@ def _tiny_hf_config(cfg: VisionTowerConfig):
         return CLIPVisionConfig(intermediate_size=cfg.intermediate_size, **sizes)
     if cfg.intermediate_size % cfg.hidden_size:
         raise ConfigError(
-            f"vision_tower.intermediate_size={cfg.intermediate_size} must be a multiple of "
-            f"vision_tower.hidden_size={cfg.hidden_size} for DINOv2 (its MLP ratio is an integer)"
+            f"vision.intermediate_size={cfg.intermediate_size} must be a multiple of "
+            f"vision.hidden_size={cfg.hidden_size} for DINOv2 (its MLP ratio is an integer)"
         )
     return Dinov2Config(mlp_ratio=cfg.intermediate_size // cfg.hidden_size, **sizes)
 
@@ -115,8 +109,8 @@ def _load_hf(cfg: VisionTowerConfig) -> nn.Module:
         return Dinov2WithRegistersModel.from_pretrained(cfg.path, local_files_only=True)
     if model_type != "dinov2":
         raise ConfigError(
-            f"vision_tower.path={cfg.path!r} holds a {model_type!r} model, not DINOv2; "
-            "fix vision_tower.path or vision_tower.name"
+            f"vision.path={cfg.path!r} holds a {model_type!r} model, not DINOv2; "
+            "fix vision.path or vision.name"
         )
     return Dinov2Model.from_pretrained(cfg.path, local_files_only=True)
 
@@ -142,7 +136,7 @@ class VisionTower(nn.Module):
         super().__init__()
         if cfg.name not in TOWER_NAMES:
             raise ConfigError(
-                f"vision_tower.name={cfg.name!r} is unknown; use one of {', '.join(TOWER_NAMES)}"
+                f"vision.name={cfg.name!r} is unknown; use one of {', '.join(TOWER_NAMES)}"
             )
         self.cfg = cfg
         mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -179,12 +173,12 @@ class VisionTower(nn.Module):
         if cfg.name == "sam_encoder":
             patch = self.model.patch_embed.proj.kernel_size[0]
             self.out_channels = encoder_state_channels(
-                self.model, cfg.feature_layer, "vision_tower.feature_layer"
+                self.model, cfg.feature_layer, "vision.feature_layer"
             )
             if self.model.img_size != cfg.image_size:
                 raise ConfigError(
-                    f"vision_tower.image_size={cfg.image_size} but the SAM encoder in "
-                    f"{cfg.path} takes {self.model.img_size}; set vision_tower.image_size="
+                    f"vision.image_size={cfg.image_size} but the SAM encoder in "
+                    f"{cfg.path} takes {self.model.img_size}; set vision.image_size="
                     f"{self.model.img_size}"
                 )
             self._num_prefix = 0
@@ -196,12 +190,12 @@ class VisionTower(nn.Module):
             layers = hf.num_hidden_layers
             if not -layers - 1 <= cfg.feature_layer <= layers:
                 raise ConfigError(
-                    f"vision_tower.feature_layer={cfg.feature_layer} is outside "
+                    f"vision.feature_layer={cfg.feature_layer} is outside "
                     f"-{layers + 1}..{layers} for a {layers}-layer tower"
                 )
         if cfg.image_size % patch:
             raise ConfigError(
-                f"vision_tower.image_size={cfg.image_size} is not a multiple of the tower's "
+                f"vision.image_size={cfg.image_size} is not a multiple of the tower's "
                 f"patch size {patch}"
             )
         side = cfg.image_size // patch
@@ -217,7 +211,7 @@ class VisionTower(nn.Module):
 
     def config_hash(self) -> str:
         """Stable hash of the config and the weight files' identity (name, size, mtime)."""
-        key = {"config": asdict(self.cfg), "weights": _weights_identity(self.cfg.path)}
+        key = {"config": asdict(self.cfg), "weights": _weights_key(self.cfg.path)}
         blob = json.dumps(key, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -256,91 +250,3 @@ class VisionTower(nn.Module):
 def build_vision_tower(cfg: VisionTowerConfig) -> VisionTower:
     """The tower named by ``cfg.name``: local weights when ``cfg.path`` is set, else tiny."""
     return VisionTower(cfg)
-
-
-class FeatureCache:
-    """Frozen-tower features on disk: ``<cache_root>/<config hash>/<image_id>.npy`` in float16.
-
-    ``meta.json`` records the tower config; a different config gets its own directory, so features
-    never mix. Writes go to a temp file renamed into place, safe with several writers (DDP ranks).
-    """
-
-    def __init__(self, cache_root: str | os.PathLike, tower: VisionTower):
-        if not tower.cfg.frozen:
-            raise ConfigError(
-                "vision_tower.frozen=false: a trained tower's features change every step, so they "
-                "cannot be cached; set vision_tower.frozen=true or turn the feature cache off"
-            )
-        self.hash = tower.config_hash()
-        self.dir = Path(cache_root) / self.hash
-        self.dir.mkdir(parents=True, exist_ok=True)
-        meta_path = self.dir / "meta.json"
-        if not meta_path.exists():
-            meta = {
-                "hash": self.hash,
-                "config": asdict(tower.cfg),
-                "weights": _weights_identity(tower.cfg.path),
-                "out_channels": tower.out_channels,
-                "grid_size": list(tower.grid_size),
-            }
-            self._atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
-        self.meta = json.loads(meta_path.read_text())
-
-    def _file(self, image_id) -> Path:
-        name = str(image_id)
-        if not name or "/" in name or "\\" in name or name.startswith("."):
-            raise ValueError(f"image id {image_id!r} cannot be used as a cache file name")
-        return self.dir / f"{name}.npy"
-
-    def _atomic_write(self, path: Path, write: Callable) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    def __contains__(self, image_id) -> bool:
-        return self._file(image_id).exists()
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self.dir.glob("*.npy"))
-
-    def get(self, image_id) -> torch.Tensor | None:
-        """The cached C×h×w features as float32, or None when not cached."""
-        path = self._file(image_id)
-        if not path.exists():
-            return None
-        return torch.from_numpy(np.load(path)).float()
-
-    def put(self, image_id, features: torch.Tensor) -> None:
-        """Store one image's C×h×w features (kept as float16)."""
-        array = features.detach().to("cpu", torch.float16).numpy()
-        self._atomic_write(self._file(image_id), lambda f: np.save(f, array))
-
-
-def cached_features(
-    tower: VisionTower,
-    image_ids: Sequence,
-    pixel_values_fn: Callable[[list], torch.Tensor],
-    cache: FeatureCache | None = None,
-) -> torch.Tensor:
-    """B×C×h×w features for ``image_ids``; only the images missing from ``cache`` go through
-    ``tower`` (``pixel_values_fn(missing_ids) -> pixel values``) and are stored. With a cache every
-    result is read back from it, so a first and a later call give the same float16-rounded values.
-    """
-    device = tower.pixel_mean.device
-    if cache is None:
-        return tower(pixel_values_fn(list(image_ids)).to(device))
-    if cache.hash != tower.config_hash():
-        raise ValueError("the feature cache belongs to a different vision tower config")
-    found = {i: cache.get(i) for i in image_ids}
-    missing = [i for i, f in found.items() if f is None]
-    if missing:
-        computed = tower(pixel_values_fn(missing).to(device))
-        for image_id, feats in zip(missing, computed):
-            cache.put(image_id, feats)
-            found[image_id] = cache.get(image_id)
-    return torch.stack([found[i] for i in image_ids]).to(device)

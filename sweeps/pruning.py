@@ -9,7 +9,7 @@ from __future__ import annotations
 import optuna
 import pytorch_lightning as pl
 
-from datamodules.errors import ConfigError
+from common.errors import ConfigError
 
 
 class OptunaPruningCallback(pl.Callback):

@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from datamodules.errors import ConfigError
+from common.errors import ConfigError
 from sweeps.space import override_value
 from sweeps.study import SURPLUS, storage_url
 

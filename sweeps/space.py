@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from datamodules.errors import ConfigError
+from common.errors import ConfigError
 
 if TYPE_CHECKING:
     import optuna

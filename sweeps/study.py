@@ -27,7 +27,7 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from datamodules.errors import ConfigError
+from common.errors import ConfigError
 from sweeps.space import GRID_PARAM, SearchSpace, load_space, override_value, suggest
 
 TrainFn = Callable[[list[str], Path, list], dict]

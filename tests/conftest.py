@@ -25,7 +25,7 @@ def synthref_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sam_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised small SAM in SAM's own checkpoint format (+ its sidecar config)."""
-    from lightning_modules.sam_builder import SamConfig, build_sam, save_sam
+    from common.sam import SamConfig, build_sam, save_sam
 
     torch.manual_seed(0)
     cfg = SamConfig(

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules.config import load_config
-from lightning_modules.train import _trainer
+from lightning_modules.cli.config import load_config
+from lightning_modules.cli.train import _trainer
 
 
 class FallingScore(pl.LightningModule):

@@ -171,8 +171,8 @@ def test_training_on_a_synthref_made_with_other_settings_warns(synthref_root):
     comparable with the documented ones) but goes on."""
     import pytest
 
-    from lightning_modules.config import load_config
-    from lightning_modules.pipeline import warn_synthref_mismatch
+    from lightning_modules.cli.config import load_config
+    from lightning_modules.cli.inputs import warn_synthref_mismatch
 
     with pytest.warns(UserWarning, match=r"train 24 \(config: 600\)"):
         warn_synthref_mismatch(load_config([f"data.root={synthref_root}"]))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from datamodules.errors import ConfigError
-from lightning_modules.config import GROUP_NAMES, load_config, load_saved_config
-from lightning_modules.config_compose import group_choices, save_config
+from common.errors import ConfigError
+from lightning_modules.cli.compose import group_choices, save_config
+from lightning_modules.cli.config import GROUP_NAMES, load_config, load_saved_config
 from lightning_modules.projectors import PROJECTORS
 
 
@@ -96,71 +96,22 @@ def test_groups_are_recorded():
     assert cfg.groups["projector"] == "ldpv2" and cfg.groups["superpixels"] == "slic"
 
 
-def test_grounding_recipe_group_overrides_the_model_and_yields_to_the_command_line(tmp_path):
-    """`grounding=patch` merges configs/grounding/patch.yaml over the model's grounding node;
-    dotted overrides still win; a saved run keeps its recipe and can switch it."""
-    preset = load_config(["projector=mlp"])  # the tiny preset's recipe: the re-ranker
-    assert preset.groups["grounding"] == "patch_rerank" and preset.grounding.rerank == 8
-    assert preset.grounding.rerank_context == 2 and preset.grounding.rerank_spread == 0.1
-    plain = load_config(["projector=mlp", "grounding=default"])
-    assert plain.grounding.pointer_vote == 0 and plain.grounding.rerank == 0
-    patch = load_config(["projector=mlp", "grounding=patch"])
-    assert patch.grounding.rerank == 0  # a recipe replaces the preset's recipe
-    assert patch.grounding.pointer_vote == 4 and patch.groups["grounding"] == "patch"
-    assert patch.grounding.keys_from == plain.grounding.keys_from  # the model's settings stay
-    louder = load_config(["projector=mlp", "grounding=patch", "grounding.pointer_vote=2"])
-    assert louder.grounding.pointer_vote == 2  # the command line beats the recipe
-    path = save_config(patch, tmp_path / "config.yaml")
-    assert load_saved_config(path).grounding.pointer_vote == 4
-    back = load_saved_config(path, ["grounding=default"])
-    assert back.grounding.pointer_vote == 0 and back.groups["grounding"] == "default"
+def test_tiny_preset_recipe_and_llava7b_keeps_lisas_path():
+    """The tiny preset turns the pointer on with the re-ranker of the schema defaults;
+    `preset=llava7b` keeps LISA's plain [SEG] path."""
+    tiny = load_config(["projector=mlp"])
+    assert tiny.grounding.weight == 1.0 and tiny.grounding.pointer
+    assert tiny.grounding.rerank == 8 and tiny.grounding.rerank_spread == 0.1
+    assert tiny.grounding.rerank_context == 2
+    real = load_config(["preset=llava7b"])
+    assert real.grounding.weight == 0.0 and not real.grounding.pointer
 
 
-def test_a_new_grounding_recipe_keeps_the_saved_runs_own_grounding_settings(tmp_path):
-    """A run trained with `grounding.rerank=4` has re-ranker weights: evaluating it with
-    `grounding=patch` adds the recipe's vote and keeps the re-ranker (and back again), while a new
-    projector still replaces the saved projector node whole."""
-    run = load_config(
-        [
-            "projector=mlp",
-            "grounding=default",
-            "grounding.rerank=4",
-            "grounding.rerank_from=features",
-        ]
-    )
-    path = save_config(run, tmp_path / "config.yaml")
-    voted = load_saved_config(path, ["grounding=patch"])
-    assert voted.grounding.pointer_vote == 4 and voted.groups["grounding"] == "patch"
-    assert voted.grounding.rerank == 4 and voted.grounding.rerank_from == "features"
-    back = load_saved_config(save_config(voted, tmp_path / "voted.yaml"), ["grounding=default"])
-    assert back.grounding.pointer_vote == 0 and back.grounding.rerank == 4
-    # a setting the new recipe sets and the run also set on its own: the run's value stays
-    own = load_config(["projector=mlp", "grounding=default", "grounding.pointer_vote=2"])
-    kept = load_saved_config(save_config(own, tmp_path / "own.yaml"), ["grounding=patch"])
-    assert kept.grounding.pointer_vote == 2
-    pool = load_saved_config(path, ["projector=pool"])
-    assert pool.projector.name == "pool" and pool.grounding.rerank == 4
-
-
-def test_a_saved_run_takes_schema_defaults_for_options_newer_than_it(tmp_path):
-    """A run saved before an option existed was trained without it: reloading it gives that
-    option its schema default (off), not what today's preset or recipe sets — the tiny preset's
-    recipe now sets `grounding.rerank_context: 2`, which a session-13 run's weights lack. Options
-    the file does hold keep their saved values; a new group choice still brings its own values."""
-    cfg = load_config(["projector=semantic", "projector.sspe_frequencies=3"])
-    assert cfg.grounding.rerank_context == 2 and cfg.grounding.rerank_spread == 0.1
-    saved = OmegaConf.to_container(cfg, resolve=True)
-    del saved["grounding"]["rerank_context"], saved["grounding"]["rerank_spread"]
-    del saved["projector"]["shape_size"]  # filled from the projector's own schema
-    saved["projector"]["max_tokens"] = 32
+def test_saved_run_with_removed_options_is_a_clear_error(tmp_path):
+    """A config.yaml holding an option the suite no longer has names the key."""
+    saved = OmegaConf.to_container(load_config(), resolve=True)
+    saved["grounding"]["pointer_vote"] = 4
     path = tmp_path / "config.yaml"
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
-    old = load_saved_config(path)
-    assert old.grounding.rerank_context == 0 and old.grounding.rerank_spread == 0.0
-    assert old.grounding.rerank == 8 and old.groups["grounding"] == "patch_rerank"
-    assert old.projector.shape_size == 4 and old.projector.max_tokens == 32
-    assert old.projector.sspe_frequencies == 3
-    # the command line still wins, and a newly chosen group comes with its own values
-    assert load_saved_config(path, ["grounding.rerank_context=1"]).grounding.rerank_context == 1
-    pool = load_saved_config(path, ["projector=pool"])
-    assert pool.projector.name == "pool" and pool.grounding.rerank_context == 0
+    with pytest.raises(ConfigError, match=r"grounding\.pointer_vote"):
+        load_saved_config(path)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import tiny_run_overrides
 
-from datamodules.errors import ConfigError
+from common.errors import ConfigError
 from datamodules.synthetic import EXPRESSION_KINDS
 from lightning_modules.cli import main
-from lightning_modules.config import load_config
-from lightning_modules.diagnostics import (
+from lightning_modules.cli.config import load_config
+from lightning_modules.probes.grounding import (
     MODES,
     GroundingProbe,
     check_mode,
@@ -47,9 +47,7 @@ def test_every_mode_trains_and_writes_a_curve(mode, synthref_root, tiny_sam_chec
 
 def test_pointing_mode_needs_the_grounding_head(synthref_root, tiny_sam_checkpoint, tmp_path):
     overrides = tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path / "runs")
-    cfg = load_config(
-        [*overrides, "grounding=default", "grounding.weight=0", "grounding.pointer=false"]
-    )
+    cfg = load_config([*overrides, "grounding.weight=0", "grounding.pointer=false"])
     with pytest.raises(ConfigError, match="grounding head"):
         diagnose_grounding(cfg, mode="pointing", steps=1, progress=False)
 
@@ -57,8 +55,8 @@ def test_pointing_mode_needs_the_grounding_head(synthref_root, tiny_sam_checkpoi
 def test_oracle_token_reaches_the_seg_hidden_state(synthref_root, tiny_sam_checkpoint, tmp_path):
     """The oracle token is the only visual token: different targets give different [SEG] states."""
     from datamodules.ris import RISDataModule
+    from lightning_modules.llm import tokenizer_for
     from lightning_modules.ris_model import RISModel
-    from lightning_modules.tokenizer_setup import tokenizer_for
 
     cfg = load_config(tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path / "r"))
     tok = tokenizer_for(cfg)
@@ -91,7 +89,7 @@ def _probe_overrides(synthref_root, tiny_sam_checkpoint, tmp_path) -> list[str]:
 
 
 def test_pointing_probe_trains_and_writes(synthref_root, tiny_sam_checkpoint, tmp_path):
-    from lightning_modules.pointing_probe import pointing_probe
+    from lightning_modules.probes.pointing import pointing_probe
 
     args = _probe_overrides(synthref_root, tiny_sam_checkpoint, tmp_path)
     assert main(["diagnose", "pointing", "--steps", "0", *args]) == 2
@@ -109,7 +107,7 @@ def test_pointing_probe_trains_and_writes(synthref_root, tiny_sam_checkpoint, tm
 
 
 def test_transformer_pointer_on_part_of_the_images(synthref_root, tiny_sam_checkpoint, tmp_path):
-    from lightning_modules.pointing_probe import TransformerPointer, pointing_probe
+    from lightning_modules.probes.pointing import TransformerPointer, pointing_probe
 
     args = _probe_overrides(synthref_root, tiny_sam_checkpoint, tmp_path)
     cfg = load_config(args)
@@ -124,3 +122,24 @@ def test_transformer_pointer_on_part_of_the_images(synthref_root, tiny_sam_check
     b = net([torch.tensor([6, 7, 8]), torch.tensor([4, 5])], keys, mask)
     assert torch.isinf(a[1, 2]) and not torch.allclose(a[0], b[0])
     assert torch.allclose(a[1], b[1], atol=1e-6)  # the other sample is unaffected
+
+
+def test_fourier_geometry_expands_the_seven_numbers_and_zeroes_padding():
+    from lightning_modules.probes.pointing import fourier_geometry
+    from lightning_modules.projectors.semantic import GEOMETRY_DIM
+
+    geometry = torch.rand(2, 3, GEOMETRY_DIM + 16)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    out = fourier_geometry(geometry, 2, mask)
+    assert out.shape == (2, 3, GEOMETRY_DIM + 16 + 4 * GEOMETRY_DIM)
+    torch.testing.assert_close(out[..., : GEOMETRY_DIM + 16], geometry)
+    x = geometry[0, 0, 0]
+    waves = out[0, 0, GEOMETRY_DIM + 16 :]
+    # sin of column 0 at π, then at 2π; cos of column 0 at π comes after all 2·7 sines
+    torch.testing.assert_close(waves[0], torch.sin(torch.pi * x))
+    torch.testing.assert_close(waves[1], torch.sin(2 * torch.pi * x))
+    torch.testing.assert_close(waves[2 * GEOMETRY_DIM], torch.cos(torch.pi * x))
+    assert (out[0, 2, GEOMETRY_DIM + 16 :] == 0).all() and (
+        out[1, 1:, GEOMETRY_DIM + 16 :] == 0
+    ).all()
+    assert fourier_geometry(geometry, 0, mask) is geometry

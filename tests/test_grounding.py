@@ -1,27 +1,33 @@
-"""Grounding head: targets, loss, accuracy and centroids against hand-computed cases."""
+"""Grounding pointer: targets, losses, accuracy, centroids and the re-ranker's parts against
+hand-computed cases."""
 
 import math
 
 import torch
 
 from lightning_modules.grounding import (
-    GroundingHead,
+    GroundingConfig,
+    Pointer,
     cell_iou,
     grid_targets,
     grounding_loss,
     mask_votes,
-    pointing_hits,
+    picked_hits,
     pool_cells,
-    pool_in_masks,
     rerank_loss,
     sample_targets,
-    smoothed_scores,
     spread_top,
     target_distribution,
     token_centroids,
     word_query,
     word_states,
 )
+
+
+def _pointer(hidden=8, dim=4, pe_dim=6, feature_dim=5, vocab=10, **cfg) -> Pointer:
+    return Pointer(
+        hidden, pe_dim, feature_dim, vocab, GroundingConfig(dim=dim, pointer=True, **cfg)
+    )
 
 
 def test_target_weights_are_coverage_times_purity():
@@ -67,7 +73,8 @@ def test_grid_targets_pool_each_mask():
 
 def test_head_scores_mask_padding_and_point_code_follows_the_scores():
     torch.manual_seed(0)
-    head = GroundingHead(hidden=8, dim=4, pe_dim=6, pointer=True)
+    head = _pointer(rerank=0)
+    assert head.rerank_key is None and len(head.rerank_context) == 0
     mask = torch.tensor([[True, True, False]])
     logits = head.logits(torch.randn(1, 8), torch.randn(1, 3, 8), mask)
     assert torch.isinf(logits[0, 2]) and torch.isfinite(logits[0, :2]).all()
@@ -78,51 +85,13 @@ def test_head_scores_mask_padding_and_point_code_follows_the_scores():
     torch.testing.assert_close(head.point_code(half, codes), head.point(codes[:, :2].mean(1)))
 
 
-def test_fusion_reads_the_sentence_and_ignores_padding():
-    """With fusion layers the visual states see the sentence states: changing a valid sentence
-    state moves the visual outputs, changing a masked (padding) one moves nothing."""
-    torch.manual_seed(0)
-    head = GroundingHead(16, 8, 6, pointer=False, fusion_layers=2, fusion_heads=4).eval()
-    seg, vis, text = torch.randn(1, 16), torch.randn(1, 3, 16), torch.randn(1, 5, 16)
-    mask = torch.tensor([[True, True, False]])
-    text_mask = torch.tensor([[True, True, True, False, False]])
-    # a fresh fusion layer is the identity (zero-initialised residual branches) ...
-    q, v = head.fuse(seg, vis, mask, text, text_mask)
-    torch.testing.assert_close(v, vis + head.role[1])
-    # ... a trained one is not: give every fusion weight a value
-    with torch.no_grad():
-        for p in head.fusion.parameters():
-            p.normal_(0, 0.3)
-    q, v = head.fuse(seg, vis, mask, text, text_mask)
-    assert q.shape == (1, 16) and v.shape == (1, 3, 16)
-
-    padded = text.clone()
-    padded[:, 3:] += 10.0 * torch.randn(1, 2, 16)
-    vis_pad = vis.clone()
-    vis_pad[:, 2] += 10.0 * torch.randn(16)  # a padding visual slot
-    q2, v2 = head.fuse(seg, vis_pad, mask, padded, text_mask)
-    torch.testing.assert_close(q2, q)
-    torch.testing.assert_close(v2[:, :2], v[:, :2])
-
-    moved = text.clone()
-    moved[:, 1] += torch.randn(16)  # a word of the sentence (LayerNorm drops a constant shift)
-    q3, v3 = head.fuse(seg, vis, mask, moved, text_mask)
-    assert not torch.allclose(v3[:, :2], v[:, :2], atol=1e-4)
-    assert not torch.allclose(q3, q, atol=1e-4)
-
-
-def test_no_fusion_layers_by_default():
-    head = GroundingHead(16, 8, 6, pointer=True)
-    assert len(head.fusion) == 0 and not hasattr(head, "role")
-
-
 def test_pointing_hits_by_hand():
     logits = torch.tensor([[2.0, 1.0, -math.inf], [0.0, 3.0, 1.0], [1.0, 0.0, 0.0]])
     target = torch.tensor([[0.5, 0.5, 0.0], [0.7, 0.3, 0.0], [0.0, 0.0, 0.0]])
     valid = torch.tensor([True, True, False])
     # tie for the top weight counts; the second sample points at a lesser target token; the third
     # has no target
-    assert pointing_hits(logits, target, valid).tolist() == [True, False, False]
+    assert picked_hits(logits.argmax(-1), target, valid).tolist() == [True, False, False]
 
 
 def test_sampled_teacher_points_are_one_target_token_drawn_by_weight():
@@ -134,93 +103,6 @@ def test_sampled_teacher_points_are_one_target_token_drawn_by_weight():
     assert (draws[:, 0, [0, 3]] == 0).all()  # never a token without target weight
     share = draws[:, 0, 2].mean().item()
     assert abs(share - 0.75) < 0.03, share
-
-
-def test_key_geometry_lets_the_scores_prefer_a_place():
-    """With key_geometry the keys see each token's point code: tokens with identical states but
-    different places score differently; without it they tie."""
-    torch.manual_seed(0)
-    vis = torch.randn(1, 1, 8).expand(1, 3, 8)  # three identical visual states
-    codes = torch.randn(1, 3, 6)  # at three different places
-    mask = torch.ones(1, 3, dtype=torch.bool)
-    plain = GroundingHead(hidden=8, dim=4, pe_dim=6, pointer=False)
-    tied = plain.logits(torch.randn(1, 8), vis, mask)
-    torch.testing.assert_close(tied, tied[:, :1].expand(1, 3))
-    placed = GroundingHead(hidden=8, dim=4, pe_dim=6, pointer=False, key_geometry=True)
-    seg = torch.randn(1, 8)
-    fresh = placed.logits(seg, vis, mask, codes)
-    # the map starts at zero (the plain head's scores), yet learns: the place gets a gradient
-    torch.testing.assert_close(fresh, fresh[:, :1].expand(1, 3))
-    (fresh * torch.tensor([[1.0, 0.0, -1.0]])).sum().backward()
-    assert placed.geometry.weight.grad.abs().sum() > 0
-    with torch.no_grad():
-        placed.geometry.weight.normal_()
-    assert placed.logits(seg, vis, mask, codes).std() > 1e-3
-
-
-def test_smoothed_pointer_votes_for_the_crowd():
-    """On a 4×4 grid one lone token scores highest, but a 2×2 block elsewhere holds more of the
-    softmax mass: the top-scored token is the lone one, the smoothed pointer picks the block."""
-    h = w = 4
-    centres = token_centroids(torch.eye(h * w)[None], h, w)
-    logits = torch.zeros(1, h * w)
-    logits[0, 0] = 3.0  # the lone corner token
-    for cell in (10, 11, 14, 15):  # the 2×2 block in the far corner
-        logits[0, cell] = 2.5
-    assert logits.argmax(-1).item() == 0
-    assert smoothed_scores(logits, centres, 0.0) is logits  # 0 = off
-    picked = smoothed_scores(logits, centres, 0.2).argmax(-1).item()
-    assert picked in (10, 11, 14, 15)
-    # a narrow kernel is the plain top token again
-    assert smoothed_scores(logits, centres, 0.01).argmax(-1).item() == 0
-
-
-def test_smoothed_pointer_ignores_padding():
-    centres = torch.rand(1, 5, 2)
-    logits = torch.randn(1, 5)
-    padded = torch.cat([logits, torch.full((1, 2), -math.inf)], 1)
-    far = torch.cat([centres, torch.rand(1, 2, 2)], 1)
-    alone = smoothed_scores(logits, centres, 0.15)
-    both = smoothed_scores(padded, far, 0.15)
-    torch.testing.assert_close(alone, both[:, :5])
-    assert torch.isinf(both[:, 5:]).all()
-
-
-def test_mass_loss_rewards_any_part_of_the_target():
-    """`mass` is −log of the softmax mass on the target (weights relative to the best target
-    token); `soft_ce` wants the scores spread as the weights say."""
-    target = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
-    valid = torch.tensor([True])
-    flat = torch.zeros(1, 4)
-    mass, _ = grounding_loss(flat, target, valid, "mass")
-    soft, _ = grounding_loss(flat, target, valid, "soft_ce")
-    torch.testing.assert_close(mass, torch.tensor(math.log(2.0)))
-    torch.testing.assert_close(soft, torch.tensor(math.log(4.0)))
-    # all the mass on one of the two target tokens: `mass` is satisfied, `soft_ce` is not
-    one = torch.tensor([[30.0, 0.0, 0.0, 0.0]])
-    assert grounding_loss(one, target, valid, "mass")[0] < 1e-6
-    assert grounding_loss(one, target, valid, "soft_ce")[0] > 10
-    # a partly covered token counts by its weight relative to the best target token
-    partial = torch.tensor([[0.8, 0.2, 0.0, 0.0]])
-    off = torch.tensor([[0.0, 30.0, 0.0, 0.0]])
-    torch.testing.assert_close(
-        grounding_loss(off, partial, valid, "mass")[0],
-        torch.tensor(-math.log(0.25)),
-        atol=1e-4,
-        rtol=0,
-    )
-
-
-def test_mass_loss_skips_samples_without_target_and_padding():
-    logits = torch.tensor([[1.0, 2.0, -math.inf], [0.5, 0.1, 0.3]], requires_grad=True)
-    target = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
-    valid = torch.tensor([True, False])
-    loss, _ = grounding_loss(logits, target, valid, "mass")
-    expected = -torch.log_softmax(torch.tensor([1.0, 2.0]), -1)[1]
-    torch.testing.assert_close(loss, expected)
-    loss.backward()
-    assert torch.isfinite(logits.grad).all()
-    assert (logits.grad[1] == 0).all()
 
 
 def test_mask_votes_sum_the_mass_inside_each_mask():
@@ -236,17 +118,6 @@ def test_mask_votes_sum_the_mass_inside_each_mask():
     torch.testing.assert_close(half, torch.tensor([[0.4]]))
 
 
-def test_pool_in_masks_is_the_area_weighted_mean_inside_each_mask():
-    """Tokens: cells 0 and 1 (one token of two cells, state [2, 0]) and cell 2 and 3 (one cell
-    each, states [0, 4] and [6, 6]). A mask over cells 1–2 holds half of the first token (one
-    cell) and the whole second: mean [1, 2]; an empty mask pools to zeros."""
-    regions = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]])
-    states = torch.tensor([[[2.0, 0.0], [0.0, 4.0], [6.0, 6.0]]])
-    cells = torch.tensor([[[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]]])
-    pooled = pool_in_masks(states, regions, cells)
-    torch.testing.assert_close(pooled, torch.tensor([[[1.0, 2.0], [6.0, 6.0], [0.0, 0.0]]]))
-
-
 def test_pool_cells_is_the_fraction_weighted_mean_of_the_grid():
     """Grid states [2, 0], [0, 4], [6, 6], [1, 1]; a mask over all of cells 0–1 and half of cell 2
     pools (1·[2, 0] + 1·[0, 4] + 0.5·[6, 6]) / 2.5 = [2, 2.8]; an empty mask pools to zeros."""
@@ -259,14 +130,14 @@ def test_mask_geometry_reads_a_mask_as_sspe_reads_a_superpixel():
     """An 8×8 frame: a 4×4 square at rows 2–5, cols 0–3 has bbox (0, 0.25, 0.5, 0.75), centroid
     (0.25, 0.5) and a full 2×2 shape code; a triangle (the lower-left half of a 4×4 box, with its
     diagonal) fills its bins 3/4, 0, 1, 3/4; an empty mask gives zeros."""
-    from lightning_modules.grounding import mask_geometry, mask_geometry_dim
+    from lightning_modules.grounding import mask_geometry
 
     masks = torch.zeros(3, 8, 8, dtype=torch.bool)
     masks[0, 2:6, 0:4] = True
     for r in range(4):
         masks[1, 4 + r, 4 : 4 + r + 1] = True  # lower-left triangle with the diagonal
     geo = mask_geometry(masks, 2)
-    assert geo.shape == (3, mask_geometry_dim(2)) == (3, 11)
+    assert geo.shape == (3, 11)  # bbox, centroid, area and the 2×2 shape code
     torch.testing.assert_close(geo[0, :6], torch.tensor([0.0, 0.25, 0.5, 0.75, 0.25, 0.5]))
     torch.testing.assert_close(geo[0, 7:], torch.ones(4))
     # the triangle's bins of 2×2 pixels: top-left holds 1 + 2 of 4, top-right none, bottom-left
@@ -300,16 +171,15 @@ def test_rerank_loss_by_hand():
 
 
 def test_word_query_is_the_mean_embedding_of_the_kept_tokens():
-    """`rerank_query=words`: the query is the mean of the kept tokens' embeddings (padding and
-    the <image> token left out), so the same sentence gives the same query at any padding."""
-    head = GroundingHead(8, 4, 6, pointer=True, rerank=True, rerank_vocab=10)
+    """The re-ranker's query is the mean of the kept tokens' embeddings (padding and the <image>
+    token left out), so the same sentence gives the same query at any padding."""
+    head = _pointer()
     ids = torch.tensor([[3, 5, 0, 0], [3, 5, 7, 9]])
     keep = torch.tensor([[True, True, False, False], [True, True, True, False]])
     emb = head.rerank_words.weight
     q = word_query(head.rerank_words, ids, keep)
     torch.testing.assert_close(q[0], (emb[3] + emb[5]) / 2)
     torch.testing.assert_close(q[1], (emb[3] + emb[5] + emb[7]) / 3)
-    assert head.rerank_query is None
 
 
 def test_spread_top_skips_tokens_near_those_taken():
@@ -336,7 +206,7 @@ def test_spread_top_skips_tokens_near_those_taken():
 
 
 def test_word_states_are_the_kept_words_in_order_with_their_place():
-    """`rerank_context` reads the prompt's words in order: the kept tokens' embeddings packed to
+    """The context layers read the prompt's words in order: the kept tokens' embeddings packed to
     the front, each plus a code of its place among the kept ones, so a sample's word states do
     not depend on where its <image> slot or its padding sit."""
     torch.manual_seed(0)
@@ -362,16 +232,17 @@ def test_rerank_context_starts_as_the_plain_reranker_and_then_compares_candidate
     Once trained (random weights here) a candidate's score depends on the other candidates and
     on the word order, and padding candidates still change nothing."""
     torch.manual_seed(0)
-    plain = GroundingHead(8, 4, 6, pointer=True, rerank=True, rerank_vocab=10)
-    ctx = GroundingHead(8, 4, 6, pointer=True, rerank=True, rerank_vocab=10, rerank_context=1)
+    plain = _pointer(rerank_context=0)
+    ctx = _pointer(rerank_context=1)
     ctx.load_state_dict(plain.state_dict(), strict=False)
     ids, keep = torch.tensor([[3, 5, 7]]), torch.ones(1, 3, dtype=torch.bool)
     q, words = word_query(ctx.rerank_words, ids, keep), word_states(ctx.rerank_words, ids, keep)
-    pooled, codes, area = torch.randn(1, 3, 8), torch.randn(1, 3, 6), torch.rand(1, 3)
+    pooled, codes, area = torch.randn(1, 3, 5), torch.randn(1, 3, 6), torch.rand(1, 3)
+    votes, geometry = torch.rand(1, 3), torch.rand(1, 3, 7 + 16)
     real = torch.tensor([[True, True, False]])
 
     def scores(head, pooled=pooled, words=words):
-        return head.rerank_logits(q, pooled, codes, area, real, words=words)
+        return head.rerank_logits(q, pooled, codes, area, real, votes, geometry, words)
 
     torch.testing.assert_close(scores(ctx), scores(plain))
     assert torch.isinf(scores(ctx)[0, 2])
@@ -380,11 +251,11 @@ def test_rerank_context_starts_as_the_plain_reranker_and_then_compares_candidate
             p.normal_(0, 0.5)
     base = scores(ctx)
     other = pooled.clone()
-    other[0, 1] += 1.0  # change candidate 1: candidate 0's score moves with it
+    other[0, 1] += torch.randn(5)  # change candidate 1 (not by a constant: LayerNorm drops it)
     assert not torch.allclose(scores(ctx, other)[0, 0], base[0, 0])
     assert torch.allclose(scores(plain, other)[0, 0], scores(plain)[0, 0])
     pad = pooled.clone()
-    pad[0, 2] += 1.0  # the padding candidate: nothing moves
+    pad[0, 2] += torch.randn(5)  # the padding candidate: nothing moves
     torch.testing.assert_close(scores(ctx, pad), base)
     swapped = word_states(ctx.rerank_words, ids.flip(1), keep)  # same bag, other order
     assert not torch.allclose(scores(ctx, words=swapped), base)

@@ -15,9 +15,9 @@ from transformers import (
 
 from datamodules.refer import ReferDataset
 from datamodules.ris import PromptEncoder, RISCollate
-from lightning_modules.config import load_config
+from lightning_modules.cli.config import load_config
+from lightning_modules.llm import tokenizer_for
 from lightning_modules.ris_model import RISModel
-from lightning_modules.tokenizer_setup import tokenizer_for
 
 
 def _plain_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
@@ -90,7 +90,7 @@ def test_llava7b_preset_on_tiny_local_checkpoints(synthref_root, tiny_sam_checkp
     base_attn = [n for n in trainable if "base_layer" in n]
     assert not base_attn  # the original 7B weights stay frozen
     assert not any(p.requires_grad for p in model.tower.parameters())
-    assert not any(p.requires_grad for p in model.sam.image_encoder.parameters())
+    assert not any(p.requires_grad for p in model.mask_decoder.sam.image_encoder.parameters())
 
     items = [refer[i] for i in range(3)]
     collate = RISCollate(PromptEncoder(tokenizer, cfg.data.prompt, cfg.data.answer), 0)

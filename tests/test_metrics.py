@@ -87,7 +87,7 @@ def test_token_stats():
 
 
 def test_format_metrics_adds_pointing_columns_only_with_a_grounding_head():
-    from lightning_modules.train import format_metrics
+    from lightning_modules.cli.train import format_metrics
 
     plain = format_metrics({"val_ciou": 0.25, "val_giou": 0.3, "val_tokens_mean": 14.0}, ["val"])
     assert "point acc" not in plain and "| val | 0.2500 | 0.3000 | 14.0 | nan |" in plain

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.errors import ConfigError
+from common.errors import ConfigError
 from datamodules.superpixels import SOURCES, build_source
 from datamodules.superpixels import precompute as precompute_module
 from datamodules.superpixels.precompute import (

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from datamodules.errors import ConfigError
+from common.errors import ConfigError
 from lightning_modules.projectors import PROJECTORS, ProjectorOutput, build_projector
 from lightning_modules.projectors.semantic import (
     count_superpixels,
@@ -87,7 +87,7 @@ def test_num_tokens_skips_forward(name, monkeypatch):
 GRADIENT_CASES = [(name, {}) for name in sorted(PROJECTORS)] + [
     ("semantic", {"pooling": "attn"}),
     ("semantic", {"pooling": "max"}),
-    ("semantic", {"sspe_frequencies": 3}),
+    ("semantic", {"use_sspe": False}),
     ("resampler", {"num_layers": 2}),
 ]
 
@@ -178,7 +178,7 @@ def test_coverage_is_adaptive_pool_of_one_hot(size, grid):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"pooling": "mean"}, {"pooling": "max"}, {"pooling": "attn"}, {"sspe_frequencies": 4}],
+    [{"pooling": "mean"}, {"pooling": "max"}, {"pooling": "attn"}, {"use_sspe": False}],
 )
 def test_semantic_padding_invariance(overrides):
     features, labels = batch(ks=(4, 11))
@@ -308,26 +308,6 @@ def test_semantic_all_padding_gives_no_tokens():
     assert out.tokens.shape == (2, 1, OUT_DIM) and out.mask.tolist() == [[True], [False]]
     assert proj(features[1:], labels[1:]).tokens.shape == (1, 0, OUT_DIM)
     assert proj.num_tokens(features, labels).tolist() == [1, 0]
-
-
-def test_fourier_geometry_expands_the_seven_numbers_and_zeroes_padding():
-    from lightning_modules.projectors.semantic import GEOMETRY_DIM, fourier_geometry
-
-    geometry = torch.rand(2, 3, GEOMETRY_DIM + 16)
-    mask = torch.tensor([[True, True, False], [True, False, False]])
-    out = fourier_geometry(geometry, 2, mask)
-    assert out.shape == (2, 3, GEOMETRY_DIM + 16 + 4 * GEOMETRY_DIM)
-    torch.testing.assert_close(out[..., : GEOMETRY_DIM + 16], geometry)
-    x = geometry[0, 0, 0]
-    waves = out[0, 0, GEOMETRY_DIM + 16 :]
-    # sin of column 0 at π, then at 2π; cos of column 0 at π comes after all 2·7 sines
-    torch.testing.assert_close(waves[0], torch.sin(torch.pi * x))
-    torch.testing.assert_close(waves[1], torch.sin(2 * torch.pi * x))
-    torch.testing.assert_close(waves[2 * GEOMETRY_DIM], torch.cos(torch.pi * x))
-    assert (out[0, 2, GEOMETRY_DIM + 16 :] == 0).all() and (
-        out[1, 1:, GEOMETRY_DIM + 16 :] == 0
-    ).all()
-    assert fourier_geometry(geometry, 0, mask) is geometry
 
 
 @pytest.mark.parametrize("name", sorted(PROJECTORS))

@@ -12,8 +12,8 @@ import pytest
 from pycocotools import mask as mask_utils
 from refer_fixture import HEIGHT, JPEG_IMAGE, WIDTH, write_refer_fixture
 
+from common.errors import DataError
 from datamodules import refer
-from datamodules.errors import DataError
 from datamodules.refer import DATASETS, ReferDataset, available_splits, stats_table
 
 AREA = HEIGHT * WIDTH

@@ -17,12 +17,11 @@ from conftest import tiny_run_overrides
 from datamodules.refer import ReferDataset
 from datamodules.ris import PromptEncoder, RISCollate, resize_labels
 from datamodules.superpixels import SOURCES
-from lightning_modules.config import load_config
-from lightning_modules.grounding import word_query
-from lightning_modules.mask_decoding import dice_loss
+from lightning_modules.cli.config import load_config
+from lightning_modules.llm import tokenizer_for
+from lightning_modules.mask_decoder import dice_loss
 from lightning_modules.projectors import PROJECTORS
 from lightning_modules.ris_model import RISModel
-from lightning_modules.tokenizer_setup import tokenizer_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,82 +43,44 @@ def _items(root, k_values):
     return items
 
 
-# the tiny preset has the grounding head on with teacher forcing and the `patch_rerank` recipe;
-# these pin each variant down, from the model's own grounding node (`grounding=default`)
-LISA_ONLY = ("grounding=default", "grounding.weight=0", "grounding.pointer=false")
-GROUNDING_ON = (
-    "grounding=default",
-    "grounding.weight=1.0",
-    "grounding.pointer=true",
-    "grounding.teacher_forcing=false",
-    "grounding.pointer_eval=soft",
-)
-FUSION_ON = (*GROUNDING_ON, "grounding.fusion_layers=2")
-GEOMETRY_ON = (*GROUNDING_ON, "grounding.key_geometry=true")
-BIDIRECTIONAL = (*GROUNDING_ON, "llm.visual_attention=bidirectional")
-SMOOTH_ON = (*GROUNDING_ON, "grounding.pointer_eval=argmax", "grounding.pointer_smooth=0.3")
-VOTE_ON = (*SMOOTH_ON, "grounding.pointer_vote=6")  # > the first sample's 4 tokens
-RERANK_ON = (*SMOOTH_ON, "grounding.rerank=6")
-RERANK_FEATURES = (
-    *RERANK_ON,
-    "grounding.rerank_from=features",
-    "grounding.rerank_vote=true",
-    "grounding.rerank_shape=3",
-    "grounding.rerank_query=words",
-)
+# the tiny preset has the pointer on with the re-ranker (top 8, spread 0.1, 2 context layers);
+# these pin each part down
+LISA_ONLY = ("grounding.weight=0", "grounding.pointer=false")
+POINTER = ("grounding.rerank=0",)
+RERANK = ("grounding.rerank=6", "grounding.rerank_spread=0", "grounding.rerank_context=0")
 # on the 5×5 sample (centroid spacing 0.2) a taken token's neighbours are skipped
-RERANK_SPREAD = (*RERANK_FEATURES, "grounding.rerank_spread=0.3")
-RERANK_CONTEXT = (*RERANK_FEATURES, "grounding.rerank_context=2")
+RERANK_SPREAD = ("grounding.rerank=6", "grounding.rerank_spread=0.3", "grounding.rerank_context=0")
+RERANK_CONTEXT = ("grounding.rerank=6", "grounding.rerank_spread=0", "grounding.rerank_context=2")
 
 
-def _wake_fusion(model) -> None:
-    """Fresh fusion layers are the identity (zero-initialised residual branches); give them
-    trained-looking weights so the tests exercise the attention over the sentence (and, for
-    `rerank_context`, over the candidates and the words)."""
-    if model.grounding is not None:
+def _wake_context(model) -> None:
+    """Fresh context layers are the identity (zero-initialised residual branches); give them
+    trained-looking weights so the tests exercise the attention over candidates and words."""
+    if model.grounding.pointer is not None:
         with torch.no_grad():
-            for layers in (model.grounding.fusion, model.grounding.rerank_context):
-                for p in layers.parameters():
-                    p.normal_(0, 0.1)
+            for p in model.grounding.pointer.rerank_context.parameters():
+                p.normal_(0, 0.1)
+
+
+def _model_and_batch(root, sam, runs, extra, projector="semantic", k_values=(2, 5, 3)):
+    cfg = _cfg(root, sam, runs, projector, extra)
+    tok = tokenizer_for(cfg)
+    model = RISModel(cfg, tok)
+    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
+    items = _items(root, list(k_values))
+    return model, collate, items
 
 
 @pytest.mark.parametrize(
     "extra",
-    [
-        LISA_ONLY,
-        GROUNDING_ON,
-        FUSION_ON,
-        GEOMETRY_ON,
-        SMOOTH_ON,
-        VOTE_ON,
-        RERANK_ON,
-        RERANK_FEATURES,
-        RERANK_SPREAD,
-        RERANK_CONTEXT,
-        BIDIRECTIONAL,
-    ],
-    ids=[
-        "lisa",
-        "grounding",
-        "fusion",
-        "geometry",
-        "smooth",
-        "vote",
-        "rerank",
-        "rerank_features",
-        "rerank_spread",
-        "rerank_context",
-        "bidirectional",
-    ],
+    [LISA_ONLY, POINTER, RERANK, RERANK_SPREAD, RERANK_CONTEXT, ()],
+    ids=["lisa", "pointer", "rerank", "rerank_spread", "rerank_context", "preset"],
 )
 def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
     torch.manual_seed(0)
-    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=extra)
-    tok = tokenizer_for(cfg)
-    model = RISModel(cfg, tok).eval()
-    _wake_fusion(model)
-    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
-    items = _items(synthref_root, [2, 5, 3])
+    model, collate, items = _model_and_batch(synthref_root, tiny_sam_checkpoint, tmp_path, extra)
+    model.eval()
+    _wake_context(model)
     with torch.no_grad():
         alone = model(collate(items[:1]))
         batched = model(collate(items))
@@ -128,40 +89,26 @@ def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path)
     torch.testing.assert_close(
         alone["mask_logits"][0], batched["mask_logits"][0], atol=1e-5, rtol=0
     )
-    torch.testing.assert_close(
-        alone["ce_per_sample"][0], batched["ce_per_sample"][0], atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(alone["seg_hidden"][0], batched["seg_hidden"][0], atol=1e-5, rtol=0)
     if extra == LISA_ONLY:
-        assert model.grounding is None and "ground_logits" not in batched
+        assert model.grounding.pointer is None and "ground_logits" not in batched
     else:
         torch.testing.assert_close(
             alone["ground_logits"][0], batched["ground_logits"][0, :4], atol=1e-5, rtol=0
         )
         assert torch.isinf(batched["ground_logits"][0, 4:]).all()
-    if extra == VOTE_ON:  # the vote picks among real tokens and the same one batched or alone
         assert alone["point_pick"][0] == batched["point_pick"][0]
         assert (batched["point_pick"] < batched["num_tokens"]).all()
-        # batched, it gets 6 candidates: its 4 tokens, then 2 padding slots that never win
-        assert torch.isinf(batched["point_votes"][0, 4:]).all()
-        torch.testing.assert_close(
-            alone["point_votes"][0], batched["point_votes"][0, :4], atol=1e-5, rtol=0
-        )
-    if extra in (RERANK_ON, RERANK_FEATURES, RERANK_SPREAD, RERANK_CONTEXT):
+    if "rerank_logits" in batched:
         # the re-ranker scores the same 4 candidate masks batched or alone
-        assert alone["point_pick"][0] == batched["point_pick"][0]
         assert torch.isinf(batched["rerank_logits"][0, 4:]).all()
+        k = 4  # the first sample has 4 tokens: 4 real candidates, whatever K
         torch.testing.assert_close(
-            alone["rerank_logits"][0], batched["rerank_logits"][0, :4], atol=1e-5, rtol=0
+            alone["rerank_logits"][0], batched["rerank_logits"][0, :k], atol=1e-5, rtol=0
         )
         torch.testing.assert_close(
-            alone["rerank_iou"][0], batched["rerank_iou"][0, :4], atol=1e-5, rtol=0
+            alone["rerank_iou"][0], batched["rerank_iou"][0, :k], atol=1e-5, rtol=0
         )
-    if extra in (SMOOTH_ON, VOTE_ON, RERANK_ON, RERANK_FEATURES, RERANK_SPREAD, RERANK_CONTEXT):
-        # the smoothed pointer scores ignore padding
-        torch.testing.assert_close(
-            alone["point_scores"][0], batched["point_scores"][0, :4], atol=1e-5, rtol=0
-        )
-        assert torch.isinf(batched["point_scores"][0, 4:]).all()
     gt = torch.from_numpy(items[0]["mask"]).float()
     for fn in (F.binary_cross_entropy_with_logits, dice_loss):
         torch.testing.assert_close(
@@ -170,13 +117,12 @@ def test_padding_invariance(extra, synthref_root, tiny_sam_checkpoint, tmp_path)
 
 
 def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, tmp_path):
-    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path)
-    tok = tokenizer_for(cfg)
-    model = RISModel(cfg, tok).eval()
-    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
-    batch = collate(_items(synthref_root, [2, 4]))
+    model, collate, items = _model_and_batch(
+        synthref_root, tiny_sam_checkpoint, tmp_path, (), k_values=(2, 4)
+    )
+    batch = collate(items)
     with torch.no_grad():
-        out = model(batch)
+        out = model.eval()(batch)
     text = batch["text_lengths"]
     # each sample's LLM sequence = its text minus the <image> token plus its own visual tokens
     assert out["seq_len"].tolist() == (text - 1 + out["num_tokens"]).tolist()
@@ -186,45 +132,20 @@ def test_visual_tokens_replace_image_token(synthref_root, tiny_sam_checkpoint, t
 @pytest.mark.parametrize(
     "extra",
     [
-        GROUNDING_ON,
-        FUSION_ON,
-        GEOMETRY_ON,
-        (*GROUNDING_ON, "grounding.rerank=3"),
-        (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_from=features"),
-        (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_shape=4"),
-        (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_query=words"),
-        (*GROUNDING_ON, "grounding.rerank=3", "grounding.rerank_spread=0.3"),
-        (
-            *GROUNDING_ON,
-            "grounding.rerank=3",
-            "grounding.rerank_query=words",
-            "grounding.rerank_context=1",
-        ),
-        (*GROUNDING_ON, "grounding.query_words=true"),
+        ("grounding.rerank=0",),
+        ("grounding.rerank=3", "grounding.rerank_spread=0", "grounding.rerank_context=0"),
+        ("grounding.rerank=3", "grounding.rerank_spread=0.3", "grounding.rerank_context=0"),
+        ("grounding.rerank=3", "grounding.rerank_context=1"),
     ],
-    ids=[
-        "grounding",
-        "fusion",
-        "geometry",
-        "rerank",
-        "rerank_features",
-        "rerank_shape",
-        "rerank_words",
-        "rerank_spread",
-        "rerank_context",
-        "query_words",
-    ],
+    ids=["pointer", "rerank", "rerank_spread", "rerank_context"],
 )
-def test_grounding_head_trains_and_points(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
-    """The grounding loss is in the total, every head parameter gets a gradient, and the pointer
-    changes the prompt: with it, the mask depends on the grounding scores."""
+def test_grounding_trains_and_points(extra, synthref_root, tiny_sam_checkpoint, tmp_path):
+    """The pointer's losses are in the total, every grounding parameter gets a gradient, and at
+    evaluation the pointer changes the prompt: the masks depend on the scores."""
     torch.manual_seed(0)
-    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=extra)
-    tok = tokenizer_for(cfg)
-    model = RISModel(cfg, tok)
-    _wake_fusion(model)
-    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
-    batch = collate(_items(synthref_root, [2, 5, 3]))
+    model, collate, items = _model_and_batch(synthref_root, tiny_sam_checkpoint, tmp_path, extra)
+    _wake_context(model)
+    batch = collate(items)
     out = model(batch)
     if "rerank_iou" in out:  # an untrained pointer's candidates rarely reach the target: make
         # the second one the target's for every sample, so the re-ranking loss has a signal
@@ -240,56 +161,29 @@ def test_grounding_head_trains_and_points(extra, synthref_root, tiny_sam_checkpo
     losses["loss"].backward()
     for name, p in model.grounding.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    # the top-scored token's footprint centroid is what the pointer encodes: moving the scores
-    # moves the prompt and so the mask
+    # evaluation points at the top-scored token (or candidate): moving the scores moves the masks
+    model.eval()
     with torch.no_grad():
-        model.grounding.query.bias.add_(torch.randn_like(model.grounding.query.bias) * 5)
-        moved = model(batch)
-    assert not torch.allclose(moved["mask_logits"][0], out["mask_logits"][0].detach())
-
-
-def test_rerank_trains_and_the_vote_picks(synthref_root, tiny_sam_checkpoint, tmp_path):
-    """With grounding.rerank and grounding.pointer_vote both on, training scores the candidate
-    masks (the re-ranking loss) and evaluation points by the vote, without the re-ranker."""
-    extra = (*SMOOTH_ON, "grounding.rerank=3", "grounding.pointer_vote=3")
-    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=extra)
-    tok = tokenizer_for(cfg)
-    model = RISModel(cfg, tok)
-    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
-    batch = collate(_items(synthref_root, [2, 5, 3]))
-    with torch.no_grad():
-        trained = model.train()(batch)
-        evaluated = model.eval()(batch)
-    assert trained["rerank_logits"].shape == trained["rerank_iou"].shape == (3, 3)
-    assert "rerank" in model.losses(trained, batch)
-    assert "rerank_logits" not in evaluated and "ground_cells" not in evaluated
-    assert evaluated["point_votes"].shape == (3, 3)
-    top = evaluated["point_scores"].topk(3, -1).indices
-    best = top.gather(1, evaluated["point_votes"].argmax(-1, keepdim=True))[:, 0]
-    assert (evaluated["point_pick"] == best).all()
-
-
-@pytest.mark.parametrize("teacher", ["mixture", "sample"])
-def test_teacher_forcing_points_at_the_target(
-    teacher, synthref_root, tiny_sam_checkpoint, tmp_path
-):
-    """In training with teacher forcing the prompt uses the target's tokens, not the scores."""
-    extra = (
-        *GROUNDING_ON,
-        "grounding.teacher_forcing=true",
-        f"grounding.teacher_pointer={teacher}",
-        "grounding.pointer_eval=argmax",
-    )
-    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=extra)
-    tok = tokenizer_for(cfg)
-    torch.manual_seed(0)
-    model = RISModel(cfg, tok).train()
-    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
-    batch = collate(_items(synthref_root, [2, 5, 3]))
-    with torch.no_grad():
-        torch.manual_seed(1)  # `sample` draws the target token: the same draws for both passes
         before = model(batch)
-        model.grounding.query.bias.add_(torch.randn_like(model.grounding.query.bias) * 5)
+        query = model.grounding.pointer.query
+        query.bias.add_(torch.randn_like(query.bias) * 5)
+        moved = model(batch)
+    assert any(
+        not torch.allclose(a, b) for a, b in zip(moved["mask_logits"], before["mask_logits"])
+    )
+
+
+def test_teacher_forcing_points_at_the_target(synthref_root, tiny_sam_checkpoint, tmp_path):
+    """In training the prompt points at a target token drawn by its weight, not at the scores."""
+    model, collate, items = _model_and_batch(
+        synthref_root, tiny_sam_checkpoint, tmp_path, ("grounding.rerank=0",)
+    )
+    batch = collate(items)
+    query = model.grounding.pointer.query
+    with torch.no_grad():
+        torch.manual_seed(1)  # the same target draws for both passes
+        before = model.train()(batch)
+        query.bias.add_(torch.randn_like(query.bias) * 5)
         torch.manual_seed(1)
         after = model(batch)
         assert not torch.allclose(before["ground_logits"], after["ground_logits"])
@@ -297,45 +191,53 @@ def test_teacher_forcing_points_at_the_target(
             torch.testing.assert_close(a, b)
         model.eval()  # evaluation points at the top-scored token: a sharper score changes nothing
         sharp = model(batch)
-        model.grounding.query.weight.mul_(3.0)
-        model.grounding.query.bias.mul_(3.0)
+        query.weight.mul_(3.0)
+        query.bias.mul_(3.0)
         sharper = model(batch)
     for a, b in zip(sharp["mask_logits"], sharper["mask_logits"]):
         torch.testing.assert_close(a, b)
 
 
-def test_grounding_head_is_off_for_footprintless_tokens(
+def test_rerank_vote_weight_learns(synthref_root, tiny_sam_checkpoint, tmp_path):
+    """The weight of the vote's log mass in the re-ranker's scores starts at 1 and gets a
+    gradient from the re-ranking loss."""
+    torch.manual_seed(0)
+    model, collate, items = _model_and_batch(
+        synthref_root, tiny_sam_checkpoint, tmp_path, ("grounding.rerank=3",)
+    )
+    batch = collate(items)
+    vote = model.grounding.pointer.rerank_vote
+    assert float(vote.detach()) == 1.0
+    out = model.train()(batch)
+    out["rerank_iou"] = torch.tensor([[0.0, 0.9, 0.1]]).expand(3, 3)
+    model.losses(out, batch)["rerank"].backward()
+    assert vote.grad is not None and vote.grad != 0
+
+
+def test_grounding_is_plain_lisa_for_footprintless_tokens(
     synthref_root, tiny_sam_checkpoint, tmp_path
 ):
-    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, "resampler", GROUNDING_ON)
-    with pytest.warns(UserWarning, match="grounding head"):
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, "resampler")
+    with pytest.warns(UserWarning, match="grounding pointer"):
         model = RISModel(cfg, tokenizer_for(cfg))
-    assert model.grounding is None
+    assert model.grounding.pointer is None
 
 
 @pytest.mark.parametrize(
     "bad, key",
     [
-        ("grounding.fusion_layers=-1", "fusion"),
-        ("grounding.fusion_heads=3", "fusion"),
-        ("grounding.teacher_pointer=nearest", "grounding.teacher_pointer"),
-        ("grounding.pointer_smooth=-0.1", "grounding.pointer_smooth"),
-        ("grounding.loss=focal", "grounding.loss"),
-        ("grounding.pointer_vote=-1", "grounding.pointer_vote"),
         ("grounding.rerank=-2", "grounding.rerank"),
-        ("grounding.rerank=4 grounding.pointer=false", "grounding.rerank"),
-        ("grounding.rerank=4 grounding.rerank_from=pixels", "grounding.rerank_from"),
-        ("grounding.rerank=4 grounding.rerank_shape=-1", "grounding.rerank_shape"),
-        ("grounding.rerank=4 grounding.rerank_query=text", "grounding.rerank_query"),
-        ("llm.visual_attention=full", "llm.visual_attention"),
+        ("grounding.rerank_context=-1", "grounding.rerank_context"),
+        ("grounding.context_heads=3", "grounding.context_heads"),
+        ("grounding.rerank_spread=-0.1", "grounding.rerank_spread"),
     ],
 )
 def test_bad_grounding_settings_are_config_errors(
     bad, key, synthref_root, tiny_sam_checkpoint, tmp_path
 ):
-    from datamodules.errors import ConfigError
+    from common.errors import ConfigError
 
-    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=(*FUSION_ON, *bad.split()))
+    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=bad.split())
     with pytest.raises(ConfigError, match=key):
         RISModel(cfg, tokenizer_for(cfg))
 
@@ -344,7 +246,7 @@ def test_bad_grounding_settings_are_config_errors(
 def test_train_fast_dev_run_every_projector(
     projector, synthref_root, tiny_sam_checkpoint, tmp_path
 ):
-    from lightning_modules.train import train
+    from lightning_modules.cli.train import train
 
     cfg = _cfg(
         synthref_root,
@@ -369,18 +271,17 @@ def test_every_projector_trains_under_bf16_autocast(
     projector, synthref_root, tiny_sam_checkpoint, tmp_path
 ):
     """`trainer=gpu` trains in bf16-mixed (autocast): each projector, with the re-ranker's
-    feature, shape, word, spread and context paths on, gives finite masks and loss in bf16,
+    spread and context paths on, gives finite masks and loss in bf16,
     finite float32 gradients wherever a gradient arrives, and one to every projector
     parameter. CPU autocast stands in for CUDA's here (same op lists for the dtype casts); the
     run on an H100 is in docs/BENCHMARKS.md."""
     torch.manual_seed(0)
     extra = (*RERANK_CONTEXT, "grounding.rerank_spread=0.3")
-    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, projector, extra)
-    tok = tokenizer_for(cfg)
-    model = RISModel(cfg, tok)
-    _wake_fusion(model)
-    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
-    batch = collate(_items(synthref_root, [2, 5, 3]))
+    model, collate, items = _model_and_batch(
+        synthref_root, tiny_sam_checkpoint, tmp_path, extra, projector
+    )
+    _wake_context(model)
+    batch = collate(items)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(batch)
         losses = model.losses(out, batch)
@@ -405,7 +306,7 @@ def _event_tags(log_dir: str) -> set[str]:
 
 def test_train_resume_eval_and_tensorboard(synthref_root, tiny_sam_checkpoint, tmp_path):
     """Two epochs with TensorBoard curves, resume from last, then 1-process vs 2-process eval."""
-    from lightning_modules.train import train
+    from lightning_modules.cli.train import train
 
     extra = [
         "trainer.limit_train_batches=2",
@@ -491,25 +392,26 @@ def test_train_resume_eval_and_tensorboard(synthref_root, tiny_sam_checkpoint, t
 
 
 def test_frozen_features_cached_on_disk(synthref_root, tiny_sam_checkpoint, tmp_path):
-    from lightning_modules import ris_model
+    from lightning_modules import feature_cache
 
     cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, "mlp")
     tok = tokenizer_for(cfg)
     model = RISModel(cfg, tok).eval()
     collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
     batch = collate(_items(synthref_root, [2, 3]))
-    ris_model._FEATURE_MEMORY.clear()
+    feature_cache._FEATURE_MEMORY.clear()
     with torch.no_grad():
         first = model(batch)
     files = sorted((tmp_path / "cache" / "features").rglob("*.npy"))
     # one file per image for the tower and one for SAM's image embedding, keyed by config hash
     assert len(files) == 2 * len(set(batch["image_ids"].tolist()))
-    ris_model._FEATURE_MEMORY.clear()
+    feature_cache._FEATURE_MEMORY.clear()
 
     def recompute(images):
         raise AssertionError("features were recomputed instead of read from disk")
 
-    model.tower_features.preprocess = model.sam_features.preprocess = recompute
+    model.tower_features.preprocess = recompute
+    model.mask_decoder.image_features.preprocess = recompute
     with torch.no_grad():
         second = model(batch)
     for a, b in zip(first["mask_logits"], second["mask_logits"]):
@@ -533,71 +435,6 @@ def test_feature_cache_keys_name_the_data_set(synthref_root, tiny_sam_checkpoint
         _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, "mlp", [f"data.root={other}"]), tok
     )
     assert first.tower_features.key == again.tower_features.key
-    assert first.sam_features.key == again.sam_features.key
+    assert first.mask_decoder.image_features.key == again.mask_decoder.image_features.key
     assert moved.tower_features.key != first.tower_features.key
-    assert moved.sam_features.key != first.sam_features.key
-
-
-def test_query_words_starts_as_the_pointer_and_moves_its_scores(
-    synthref_root, tiny_sam_checkpoint, tmp_path
-):
-    """grounding.query_words adds a bag of the prompt's words to the pointer's query: zero at
-    first (the scores are the plain pointer's); once trained (here: random) it moves the scores,
-    and a sample scores the same alone and batched."""
-    torch.manual_seed(0)
-    extra = (*RERANK_FEATURES, "grounding.query_words=true")
-    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=extra)
-    tok = tokenizer_for(cfg)
-    model = RISModel(cfg, tok).eval()
-    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
-    items = _items(synthref_root, [2, 5, 3])
-    batch = collate(items)
-    table = model.grounding.query_words
-    assert table.num_embeddings == len(tok) and not table.weight.any()
-    with torch.no_grad():
-        plain = model(batch, decode=False)
-        words = word_query(table, *model._prompt_words(batch))
-        torch.testing.assert_close(words, torch.zeros_like(words))
-        table.weight.normal_(0, 1.0)
-        worded = model(batch, decode=False)
-        alone = model(collate(items[:1]), decode=False)
-    assert not torch.allclose(plain["ground_logits"][0, :4], worded["ground_logits"][0, :4])
-    torch.testing.assert_close(
-        alone["ground_logits"][0], worded["ground_logits"][0, :4], atol=1e-5, rtol=0
-    )
-
-
-def test_rerank_vote_starts_as_the_vote(synthref_root, tiny_sam_checkpoint, tmp_path):
-    """With grounding.rerank_vote, the re-ranker's scores are its own plus the weight (1 at
-    first) × the log of the vote's mass in each candidate: with its own part at zero it picks
-    what `pointer_vote` picks, and the weight gets a gradient from the re-ranking loss."""
-    torch.manual_seed(0)
-    extra = (
-        *GROUNDING_ON,
-        "grounding.pointer_eval=argmax",
-        "grounding.rerank=3",
-        "grounding.rerank_from=features",
-        "grounding.rerank_vote=true",
-    )
-    cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, extra=extra)
-    tok = tokenizer_for(cfg)
-    model = RISModel(cfg, tok)
-    collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
-    batch = collate(_items(synthref_root, [2, 5, 3]))
-    out = model.train()(batch, decode=False)
-    out["rerank_iou"] = torch.tensor([[0.0, 0.9, 0.1]]).expand(3, 3)
-    model.losses({**out, "mask_logits": [m.float() for m in batch["masks"]]}, batch)[
-        "rerank"
-    ].backward()
-    assert model.grounding.rerank_vote.grad is not None and model.grounding.rerank_vote.grad != 0
-    with torch.no_grad():
-        last = model.grounding.rerank_key[-1]
-        last.weight.zero_()
-        last.bias.zero_()
-        reranked = model.eval()(batch, decode=False)
-        model.cfg.grounding.pointer_vote = 3
-        voted = model(batch, decode=False)
-    torch.testing.assert_close(
-        reranked["rerank_logits"], voted["point_votes"].clamp(min=1e-6).log(), atol=1e-5, rtol=0
-    )
-    assert (reranked["point_pick"] == voted["point_pick"]).all()
+    assert moved.mask_decoder.image_features.key != first.mask_decoder.image_features.key

@@ -8,22 +8,22 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
 from segment_anything.modeling import Sam
 
-from datamodules.errors import ConfigError, DataError
-from datamodules.refer import ReferDataset
-from lightning_modules import sam_training
-from lightning_modules.sam_builder import (
+from common.errors import ConfigError, DataError
+from common.sam import (
     SamConfig,
     build_sam,
     load_sam,
     save_sam,
     sidecar_path,
 )
-from lightning_modules.sam_training import (
+from datamodules.refer import ReferDataset
+from lightning_modules.mask_decoder import decode_masks
+from lightning_modules.sam_pretraining import training as sam_training
+from lightning_modules.sam_pretraining.training import (
     SamInstanceDataset,
     SamTrainingModule,
     TrainSamConfig,
     collate_instances,
-    decode_masks,
     evaluate_single_point,
     farthest_point,
     mask_iou,
@@ -151,9 +151,7 @@ def test_batched_decoder_matches_sam_decoder():
     sparse, dense = sam.prompt_encoder(points=(points, labels), boxes=None, masks=None)
     pe = sam.prompt_encoder.get_dense_pe()
     counts = torch.tensor([2, 3])
-    masks, ious = decode_masks(
-        sam.mask_decoder, embeddings.repeat_interleave(counts, 0), pe, sparse, dense
-    )
+    masks, ious = decode_masks(sam, embeddings.repeat_interleave(counts, 0), sparse, dense)
     for i, sl in enumerate((slice(0, 2), slice(2, 5))):
         ref_masks, ref_ious = sam.mask_decoder.predict_masks(
             embeddings[i : i + 1], pe, sparse[sl], dense[sl]
@@ -258,7 +256,7 @@ def test_train_config_errors_name_the_key(synthref_root):
 
 
 def test_encoder_states_match_sam_encoder_forward():
-    from lightning_modules.sam_builder import encoder_state_channels, encoder_states
+    from common.sam import encoder_state_channels, encoder_states
 
     enc = _tiny_sam().image_encoder.eval()
     x = torch.randn(2, 3, 64, 64)

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from datamodules.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError
 from datamodules.superpixels.store import (
     INDEX_FILE,
     META_FILE,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.errors import DataError
+from common.errors import DataError
 from datamodules.superpixels import SOURCES
 from datamodules.superpixels.quality import (
     achievable_segmentation_accuracy,

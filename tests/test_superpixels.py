@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from datamodules.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError
+from common.sam import load_sam
 from datamodules.superpixels import (
     SOURCES,
     build_source,
@@ -14,7 +15,6 @@ from datamodules.superpixels import (
     refine_partition,
     source_config,
 )
-from lightning_modules.sam_builder import load_sam
 
 HEIGHT, WIDTH = 48, 64
 # Random weights: keep every mask the generator proposes.

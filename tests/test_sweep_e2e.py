@@ -11,8 +11,8 @@ import yaml
 from conftest import tiny_run_overrides
 from nbclient import NotebookClient
 
-from lightning_modules.config import load_config
-from lightning_modules.pipeline import run_report, run_sweep_command
+from lightning_modules.cli.config import load_config
+from lightning_modules.cli.stages import run_report, run_sweep_command
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from datamodules.errors import ConfigError
+from common.errors import ConfigError
 from sweeps import SweepConfig, load_space, load_study, pareto_report, run_sweep, suggest
 from sweeps.space import GRID_PARAM, override_value
 from sweeps.study import SURPLUS, _Objective, slot_holders

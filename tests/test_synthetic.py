@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamodules.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError
 from datamodules.synthetic import (
     COLORS,
     SHAPES,

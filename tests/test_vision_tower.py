@@ -1,18 +1,15 @@
-import json
 import os
 
 import numpy as np
 import pytest
 import torch
 
-from datamodules.errors import ConfigError
-from lightning_modules.sam_builder import SamConfig, build_sam, save_sam
+from common.errors import ConfigError
+from common.sam import SamConfig, build_sam, save_sam
 from lightning_modules.vision_tower import (
     TOWER_NAMES,
-    FeatureCache,
     VisionTowerConfig,
     build_vision_tower,
-    cached_features,
 )
 
 
@@ -51,7 +48,7 @@ def test_feature_layer_selects_a_different_layer(name):
     again = build_vision_tower(VisionTowerConfig(name=name, feature_layer=-2))(x)
     assert torch.equal(penultimate, again)
     assert not torch.allclose(last, penultimate)
-    with pytest.raises(ConfigError, match="vision_tower.feature_layer"):
+    with pytest.raises(ConfigError, match="vision.feature_layer"):
         build_vision_tower(VisionTowerConfig(name=name, feature_layer=5))
 
 
@@ -96,16 +93,16 @@ def test_sam_checkpoint_loads_its_image_encoder(tmp_path):
     expected = enc.blocks[0](enc.patch_embed(x) + enc.pos_embed).permute(0, 3, 1, 2)
     assert torch.allclose(blocks(x), expected, atol=1e-6)
     assert blocks.out_channels == sam_cfg.encoder_embed_dim
-    with pytest.raises(ConfigError, match="vision_tower.image_size=64"):
+    with pytest.raises(ConfigError, match="vision.image_size=64"):
         build_vision_tower(VisionTowerConfig(name="sam_encoder", path=str(ckpt), image_size=128))
 
 
 def test_config_errors_name_the_key(tmp_path):
-    with pytest.raises(ConfigError, match="vision_tower.name"):
+    with pytest.raises(ConfigError, match="vision.name"):
         build_vision_tower(VisionTowerConfig(name="resnet"))
-    with pytest.raises(ConfigError, match="vision_tower.path"):
+    with pytest.raises(ConfigError, match="vision.path"):
         build_vision_tower(VisionTowerConfig(name="clip", path=str(tmp_path / "nope")))
-    with pytest.raises(ConfigError, match="vision_tower.path"):
+    with pytest.raises(ConfigError, match="vision.path"):
         build_vision_tower(VisionTowerConfig(name="sam_encoder", path=str(tmp_path)))
 
 
@@ -121,36 +118,3 @@ def test_config_hash_is_stable_and_tracks_config_and_weights(tmp_path):
     weights = next(tmp_path.glob("*.safetensors"))
     os.utime(weights, (0, weights.stat().st_mtime + 10))
     assert loaded.config_hash() != before
-
-
-def test_feature_cache_round_trip_and_hash_separation(tmp_path):
-    tower = build_vision_tower(VisionTowerConfig(name="clip"))
-    images = {i: pixels(1, seed=i)[0] for i in (3, 5, 8)}
-    requested = []
-
-    def pixel_values_fn(ids):
-        requested.append(list(ids))
-        return torch.stack([images[i] for i in ids])
-
-    cache = FeatureCache(tmp_path, tower)
-    assert cache.get(3) is None
-    first = cached_features(tower, [3, 5], pixel_values_fn, cache)
-    second = cached_features(tower, [5, 8, 3], pixel_values_fn, cache)
-    assert requested == [[3, 5], [8]]
-    assert torch.equal(second[2], first[0]) and torch.equal(second[0], first[1])
-    direct = cached_features(tower, [3, 5, 8], pixel_values_fn)
-    assert torch.allclose(second, direct[[1, 2, 0]], atol=1e-2)
-    assert len(cache) == 3 and 8 in cache
-    assert not list(cache.dir.glob("*.tmp"))
-
-    reopened = FeatureCache(tmp_path, build_vision_tower(VisionTowerConfig(name="clip")))
-    assert reopened.dir == cache.dir and torch.equal(reopened.get(5), first[1])
-    meta = json.loads((cache.dir / "meta.json").read_text())
-    assert meta["hash"] == tower.config_hash() and meta["config"]["name"] == "clip"
-
-    other = FeatureCache(tmp_path, build_vision_tower(VisionTowerConfig(name="dinov2")))
-    assert other.dir != cache.dir and other.get(3) is None and len(other) == 0
-    with pytest.raises(ValueError, match="different vision tower"):
-        cached_features(tower, [3], pixel_values_fn, other)
-    with pytest.raises(ConfigError, match="vision_tower.frozen"):
-        FeatureCache(tmp_path, build_vision_tower(VisionTowerConfig(frozen=False)))

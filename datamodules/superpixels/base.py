@@ -8,7 +8,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from datamodules.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError
 
 SOURCES: dict[str, type["SuperpixelSource"]] = {}
 

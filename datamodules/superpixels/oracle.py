@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from datamodules.errors import DataError
+from common.errors import DataError
 
 from .base import SuperpixelSource, check_range, register_source
 from .partition import MAX_SUPERPIXELS, partition_masks

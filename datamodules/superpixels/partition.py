@@ -13,7 +13,7 @@ import heapq
 import numpy as np
 from skimage.measure import label as connected_components
 
-from datamodules.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError
 
 MAX_SUPERPIXELS = int(np.iinfo(np.int16).max) + 1
 

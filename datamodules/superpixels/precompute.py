@@ -19,7 +19,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from datamodules.errors import DataError
+from common.errors import DataError
 
 from .base import SOURCES, build_source, source_config
 from .store import (

@@ -8,7 +8,7 @@ import numpy as np
 from scipy.ndimage import maximum_filter
 from tqdm import tqdm
 
-from datamodules.errors import DataError
+from common.errors import DataError
 
 from .base import SuperpixelSource
 from .partition import resolve_overlaps

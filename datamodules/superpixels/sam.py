@@ -8,8 +8,8 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 
-from datamodules.errors import ConfigError
-from lightning_modules.sam_builder import MODEL_TYPES, load_sam
+from common.errors import ConfigError
+from common.sam import MODEL_TYPES, load_sam
 
 from .base import SuperpixelSource, check_range, register_source
 from .partition import MAX_SUPERPIXELS, partition_masks

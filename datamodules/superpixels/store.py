@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError
+from common.files import atomic_write, write_json
 
 FORMAT = 1
 META_FILE = "meta.json"
@@ -62,26 +63,21 @@ def plan_shards(image_ids: Sequence[Hashable], shard_size: int) -> list[list]:
 def write_shard(
     path: Path, image_ids: Sequence[Hashable], label_maps: Sequence[np.ndarray]
 ) -> None:
-    """Write one shard atomically (temp file + `os.replace`), byte-identical for equal inputs."""
+    """Write one shard atomically (`atomic_write`), byte-identical for equal inputs."""
     members = {"image_ids": np.asarray(image_ids)}
     members.update({str(i): np.asarray(labels) for i, labels in enumerate(label_maps)})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as file:
-            with zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED) as archive:
-                for name, array in members.items():
-                    buffer = io.BytesIO()
-                    np.lib.format.write_array(buffer, array, allow_pickle=False)
-                    info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
-                    info.compress_type = zipfile.ZIP_DEFLATED
-                    info.external_attr = 0o644 << 16
-                    archive.writestr(info, buffer.getvalue())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    def write(file) -> None:
+        with zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, array in members.items():
+                buffer = io.BytesIO()
+                np.lib.format.write_array(buffer, array, allow_pickle=False)
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                archive.writestr(info, buffer.getvalue())
+
+    atomic_write(path, write)
 
 
 def read_index(cache_dir: str | os.PathLike) -> list[list]:
@@ -162,7 +158,12 @@ def open_or_create_cache(
     if not shards:
         raise DataError(f"no images to precompute superpixels for (cache {cache_dir})")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(index_file, {"shard_size": shard_size, "shards": _canonical(shards)})
+    write_json(
+        index_file,
+        {"shard_size": shard_size, "shards": _canonical(shards)},
+        indent=1,
+        sort_keys=True,
+    )
     meta = {
         "format": FORMAT,
         "source": source_cfg["name"],
@@ -175,7 +176,7 @@ def open_or_create_cache(
         "versions": {name: _version(name) for name in VERSIONED_PACKAGES},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _write_json(meta_file, meta)
+    write_json(meta_file, meta, indent=1, sort_keys=True)
     return cache_dir
 
 
@@ -280,12 +281,6 @@ def _read_json(path: Path) -> Any:
         raise DataError(f"superpixel cache file {path} is missing; {_FIX}") from err
     except json.JSONDecodeError as err:
         raise DataError(f"superpixel cache file {path} is corrupt ({err}); {_FIX}") from err
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _version(package: str) -> str | None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from datamodules.errors import DataError
+from common.errors import DataError
 from datamodules.synthref.drawing import (
     COLORS,
     SHAPES,

@@ -15,7 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from datamodules.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError
 from datamodules.synthref.drawing import SHAPES, paint
 from datamodules.synthref.grammar import expression_text
 from datamodules.synthref.resolver import referring_expressions

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from torch import Tensor, nn
 
-from datamodules.errors import ConfigError
+from common.errors import ConfigError
 
 PROJECTORS: dict[str, type[Projector]] = {}
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from datamodules.errors import ConfigError
+from common.errors import ConfigError
 from lightning_modules.projectors.base import (
     CrossAttention,
     Projector,
@@ -185,21 +185,6 @@ def superpixel_geometry(labels: Tensor, k: int, shape_size: int) -> Tensor:
     return torch.cat([geometry, shape.float()], -1) * present[..., None]
 
 
-def fourier_geometry(geometry: Tensor, frequencies: int, mask: Tensor) -> Tensor:
-    """Append sin/cos of the first 7 geometry columns at 2^0..2^(F−1)·π; zero on padded slots.
-
-    A ReLU MLP on raw coordinates in [0, 1] resolves position coarsely; the expansion lets it
-    encode where a superpixel is as finely as SAM's own Fourier prompt encoding does.
-    """
-    if frequencies == 0:
-        return geometry
-    base = geometry[..., :GEOMETRY_DIM]
-    scales = math.pi * 2.0 ** torch.arange(frequencies, device=geometry.device)
-    angles = (base[..., None] * scales.to(geometry.dtype)).flatten(-2)
-    waves = torch.cat([angles.sin(), angles.cos()], -1) * mask[..., None].to(geometry.dtype)
-    return torch.cat([geometry, waves], -1)
-
-
 @register_projector("semantic")
 class SemanticProjector(Projector):
     """Superpixel tokens: n_b = #superpixels of sample b, capped at `max_tokens`.
@@ -218,8 +203,6 @@ class SemanticProjector(Projector):
         ordering: str = "centroid"
         shape_size: int = 4
         num_heads: int = 4
-        # sin/cos of the 7 geometry numbers at 2^0..2^(F-1)·π before the SSPE MLP (0 = raw numbers)
-        sspe_frequencies: int = 0
 
     def __init__(self, cfg: Any, in_dim: int, out_dim: int) -> None:
         super().__init__(cfg, in_dim, out_dim)
@@ -235,9 +218,7 @@ class SemanticProjector(Projector):
             self.pool_query = nn.Parameter(torch.randn(in_dim) * 0.02)
             self.pool_key = nn.Linear(in_dim, in_dim, bias=False)
         self.proj = two_layer_mlp(in_dim, out_dim, out_dim)
-        if cfg.sspe_frequencies < 0:
-            raise ConfigError(f"projector.sspe_frequencies must be ≥ 0, got {cfg.sspe_frequencies}")
-        geometry_dim = GEOMETRY_DIM * (1 + 2 * cfg.sspe_frequencies) + cfg.shape_size**2
+        geometry_dim = GEOMETRY_DIM + cfg.shape_size**2
         self.sspe = two_layer_mlp(geometry_dim, out_dim, out_dim) if cfg.use_sspe else None
         self.ssa_inside = self.ssa_outside = None
         if cfg.use_ssa_inside or cfg.use_ssa_outside:
@@ -294,7 +275,7 @@ class SemanticProjector(Projector):
         tokens = self.proj(self.pool(patches, cov))
         if self.sspe is not None:
             geometry = superpixel_geometry(labels, k, cfg.shape_size).to(features.dtype)
-            tokens = tokens + self.sspe(fourier_geometry(geometry, cfg.sspe_frequencies, mask))
+            tokens = tokens + self.sspe(geometry)
         if self.ssa_inside is not None or self.ssa_outside is not None:
             query, kv = self.norm_q(tokens), self.norm_kv(patches)
             key_pos = sincos_2d(h, w, self.out_dim, features.device, features.dtype)

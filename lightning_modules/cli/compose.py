@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from datamodules.errors import ConfigError
+from common.errors import ConfigError
+from common.files import atomic_write
 
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclasses.dataclass
@@ -31,16 +32,12 @@ class GroupSpec:
       default: the choice when neither the command line nor the preset picks one.
       target: the config node the YAML is merged into (None = the group's name, "" = the root).
       schemas: for polymorphic groups, a function choice -> dataclass schema of the node.
-      overlay: the group's YAML is a recipe merged over a node that another group builds (the
-        model's `grounding:`), not a component of its own: choosing another recipe for a saved
-        run swaps the recipe's values and keeps the run's own dotted settings of that node.
     """
 
     name: str
     default: str
     target: str | None = None
     schemas: Callable[[str], type] | None = None
-    overlay: bool = False
 
 
 def group_choices(group: str, config_root: Path = CONFIG_ROOT) -> list[str]:
@@ -184,9 +181,8 @@ def compose(
                 ) from err
             node = _schema_node(node_schema, spec.name)
             OmegaConf.set_struct(node, True)
-            with _open(cfg):
+            with open_dict(cfg):
                 cfg[target] = node
-            OmegaConf.set_struct(cfg, True)
             data = _group_yaml(spec.name, choice, config_root, required=False)
         else:
             data = _group_yaml(spec.name, choice, config_root, required=True)
@@ -200,35 +196,11 @@ def compose(
         raise ConfigError(f"cannot parse overrides {list(values)}: {err}") from err
     _merge(cfg, cli, "", "command line")
     if "groups" in cfg:
-        with _open(cfg):
+        with open_dict(cfg):
             cfg.groups = dict(sorted(choices.items()))
     return cfg
 
 
-class _open:
-    """Temporarily lift struct mode on a node (to swap a polymorphic group's schema)."""
-
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
-
-    def __enter__(self):
-        OmegaConf.set_struct(self.cfg, False)
-        return self.cfg
-
-    def __exit__(self, *exc):
-        OmegaConf.set_struct(self.cfg, True)
-        return False
-
-
-def to_container(cfg: DictConfig | ListConfig) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
 def save_config(cfg: DictConfig, path: Path) -> Path:
     """Write the fully resolved config as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp.replace(path)
-    return path
+    return atomic_write(path, OmegaConf.to_yaml(cfg, resolve=True))

@@ -9,7 +9,7 @@ import textwrap
 from collections.abc import Callable
 from typing import Any
 
-from datamodules.errors import SVPError
+from common.errors import SVPError
 
 OVERRIDES_HELP = textwrap.dedent(
     """\
@@ -43,7 +43,7 @@ def _config_command(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     from omegaconf import OmegaConf
 
-    from lightning_modules.config import load_config, load_saved_config
+    from lightning_modules.cli.config import load_config, load_saved_config
 
     overrides = [_expand_alias(o) for o in args.overrides]
     if getattr(args, "config", None):
@@ -109,21 +109,21 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_train_sam(args: argparse.Namespace) -> int:
-    from lightning_modules.pipeline import run_train_sam
+    from lightning_modules.cli.stages import run_train_sam
 
     run_train_sam(_load(args), force=args.force)
     return 0
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:
-    from lightning_modules.pipeline import run_precompute
+    from lightning_modules.cli.stages import run_precompute
 
     run_precompute(_load(args), splits=args.splits)
     return 0
 
 
 def cmd_superpixels_quality(args: argparse.Namespace) -> int:
-    from lightning_modules.pipeline import run_superpixel_quality
+    from lightning_modules.cli.stages import run_superpixel_quality
 
     # `--sources sam key=value` : argparse's nargs="*" swallows the overrides; hand them back
     args.overrides = [*[s for s in args.sources if "=" in s], *args.overrides]
@@ -133,49 +133,49 @@ def cmd_superpixels_quality(args: argparse.Namespace) -> int:
 
 
 def cmd_superpixels_show(args: argparse.Namespace) -> int:
-    from lightning_modules.pipeline import run_superpixel_show
+    from lightning_modules.cli.stages import run_superpixel_show
 
     run_superpixel_show(_load(args), split=args.split, count=args.count, out=args.out)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lightning_modules.train import train
+    from lightning_modules.cli.train import train
 
     train(_load(args))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lightning_modules.train import evaluate
+    from lightning_modules.cli.train import evaluate
 
     evaluate(_load(args), ckpt=args.ckpt)
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lightning_modules.pipeline import run_sweep_command
+    from lightning_modules.cli.stages import run_sweep_command
 
     run_sweep_command(_load(args))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lightning_modules.pipeline import run_report
+    from lightning_modules.cli.stages import run_report
 
     run_report(_load(args))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from lightning_modules.pipeline import run_bench
+    from lightning_modules.cli.stages import run_bench
 
     run_bench(_load(args))
     return 0
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from lightning_modules.diagnostics import diagnose_grounding
+    from lightning_modules.probes.grounding import diagnose_grounding
 
     diagnose_grounding(
         _load(args),
@@ -189,7 +189,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def cmd_pointing(args: argparse.Namespace) -> int:
-    from lightning_modules.pointing_probe import pointing_probe
+    from lightning_modules.probes.pointing import pointing_probe
 
     pointing_probe(
         _load(args),
@@ -203,7 +203,7 @@ def cmd_pointing(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lightning_modules.pipeline import DEMO_OVERRIDES, run_demo
+    from lightning_modules.cli.stages import DEMO_OVERRIDES, run_demo
 
     # The demo's own settings first; the user's overrides come after, so they can replace them.
     args.overrides = [*DEMO_OVERRIDES, *args.overrides]
@@ -393,7 +393,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,9 +13,9 @@ from a different source, so each link is tested on its own:
   gets by matching text to SAM's image embedding without any grounding in the LLM;
 * ``oracle_select`` (``semantic`` only): the projector's real tokens, but the LLM sees only the
   token of the superpixel that overlaps the target most; the selection is done for the LLM;
-* ``pointing``: the model as configured, trained on the grounding loss alone, with no mask
-  decoder (needs the grounding head): how far pointing — the link that limits the tiny preset —
-  goes with more steps or a larger batch, at about half the cost per sentence. No cIoU.
+* ``pointing``: the model as configured, trained on the grounding pointer's loss alone (needs
+  the pointer): how far pointing — the link that limits the tiny preset — goes with more steps or
+  a larger batch. No cIoU.
 
 ``--select-steps N`` runs the first N steps as ``oracle_select`` and the rest as ``mode``: a
 curriculum that trains the token → [SEG] → prompt path before the LLM must learn to select.
@@ -38,7 +38,11 @@ from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
-from datamodules.errors import ConfigError
+from common.errors import ConfigError
+from lightning_modules.grounding import grounding_loss
+from lightning_modules.llm import build_sequence, seg_state
+from lightning_modules.mask_decoder import mask_losses
+from lightning_modules.schedules import warmup_cosine
 
 MODES = ("llm", "oracle_point", "oracle_token", "text_only", "oracle_select", "pointing")
 
@@ -57,7 +61,7 @@ class GroundingProbe(nn.Module):
     def __init__(self, model, mode: str):
         super().__init__()
         check_mode(mode, model.cfg.projector.name)
-        if mode == "pointing" and model.grounding is None:
+        if mode == "pointing" and model.grounding.pointer is None:
             raise ConfigError(
                 "diagnose mode pointing trains the grounding head, which is off: set "
                 "grounding.weight > 0 (the tiny preset has it on) and use a projector whose "
@@ -65,7 +69,7 @@ class GroundingProbe(nn.Module):
             )
         self.model, self.mode = model, mode
         hidden = model.llm.get_input_embeddings().embedding_dim
-        pe_dim = model.sam.prompt_encoder.embed_dim
+        pe_dim = model.mask_decoder.prompt_dim
         if mode in ("oracle_point", "oracle_token"):
             self.oracle = nn.Linear(pe_dim, hidden)
         elif mode == "text_only":
@@ -85,7 +89,7 @@ class GroundingProbe(nn.Module):
                     torch.stack([(xs.float().mean() + 0.5) / w, (ys.float().mean() + 0.5) / h])
                 )
         coords = torch.stack(points)[:, None, :].to(self.model.device)
-        return self.model.sam.prompt_encoder.pe_layer._pe_encoding(coords)[:, 0]
+        return self.model.mask_decoder.sam.prompt_encoder.pe_layer._pe_encoding(coords)[:, 0]
 
     def _target_token(self, batch: dict, grid_h: int, k: int) -> torch.Tensor:
         """B×k bool: the token whose superpixel overlaps the target mask most."""
@@ -117,42 +121,44 @@ class GroundingProbe(nn.Module):
             tokens = self.oracle(self._centroid_code(batch["masks"]))[:, None, :]
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         else:
-            feats = m.tower_features(batch["images"], batch["image_ids"], batch.get("views"))
+            feats = m.tower_features(batch["images"], batch["image_ids"])
             proj = m.projector(feats, batch.get("labels"))
             tokens, mask = proj.tokens, proj.mask
             if self.mode == "oracle_select":
                 mask = mask & self._target_token(batch, feats.shape[-2], mask.shape[1])
-        emb, attn, _, seg_pos, _ = m.build_inputs(tokens, mask, batch)
-        out = m.llm(inputs_embeds=emb, attention_mask=attn, output_hidden_states=True)
-        hidden = out.hidden_states[-1]
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), seg_pos - 1].float()
+        seq = build_sequence(m.llm, tokens, mask, batch, m.image_id, m.seg_id)
+        out = m.llm(
+            inputs_embeds=seq.embeds, attention_mask=seq.attention_mask, output_hidden_states=True
+        )
+        return seg_state(out.hidden_states[-1], seq.seg_pos)
 
     def forward(self, batch: dict) -> dict:
         m = self.model
-        if self.mode in ("llm", "pointing"):  # the whole model, grounding head included
-            out = m(batch, decode=self.mode == "llm")
+        if self.mode in ("llm", "pointing"):  # the whole model, grounding pointer included
+            out = m(batch)
+            if self.mode == "pointing":
+                out.pop("mask_logits")
             if out["seg_hidden"].shape[0] > 1:
                 self.seg_std = float(out["seg_hidden"].detach().std(0).mean())
             return out
         hidden = self._hidden(batch)
         if hidden.shape[0] > 1:
             self.seg_std = float(hidden.detach().std(0).mean())
-        return {
-            "mask_logits": m.decode(
-                m.seg_head(hidden), batch["images"], batch["image_ids"], batch.get("views")
-            )
-        }
+        prompt = m.grounding.seg_mlp(hidden)
+        return {"mask_logits": m.mask_decoder(prompt, batch["images"], batch["image_ids"])}
 
     def loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, float, float]:
         w = self.model.cfg.loss
         total, bce, dice = torch.zeros((), device=self.model.device), math.nan, math.nan
         if "mask_logits" in out:
-            bce_m, dice_m = self.model.mask_losses(out["mask_logits"], batch["masks"])
+            bce_m, dice_m = mask_losses(out["mask_logits"], batch["masks"])
             total = w.bce_weight * bce_m + w.dice_weight * dice_m
             bce, dice = float(bce_m.detach()), float(dice_m.detach())
         self.point_acc = float("nan")
         if "ground_logits" in out:
-            ground, acc = self.model.grounding_terms(out)
+            ground, acc = grounding_loss(
+                out["ground_logits"], out["ground_target"], out["ground_valid"]
+            )
             total = total + self.model.cfg.grounding.weight * ground
             self.point_acc = float(acc)
         return total, bce, dice
@@ -179,7 +185,7 @@ def _evaluate(probe: GroundingProbe, loader) -> tuple[float, float, float]:
             ciou.update(preds, batch["masks"])
             giou.update(preds, batch["masks"])
         if "ground_logits" in out:
-            _, acc = probe.model.grounding_terms(out)
+            _, acc = grounding_loss(out["ground_logits"], out["ground_target"], out["ground_valid"])
             n = int(out["ground_valid"].sum())
             hits, count = hits + float(acc) * n, count + n
     probe.train()
@@ -204,17 +210,18 @@ def diagnose_grounding(
     The LLM's text loss is left out in every mode: the answer text is constant, so it says nothing
     about grounding. Optimiser, lr, warmup and cosine schedule are the run's own (`optim.*`).
     """
+    from common.files import write_json
     from datamodules.ris import RISDataModule
+    from lightning_modules.cli.inputs import check_run_inputs
+    from lightning_modules.llm import tokenizer_for
     from lightning_modules.ris_model import RISModel
-    from lightning_modules.tokenizer_setup import tokenizer_for
-    from lightning_modules.train import _check_inputs, _write_json
 
     if steps < 1 or eval_every < 1:
         raise ConfigError(f"--steps ({steps}) and --eval-every ({eval_every}) must be ≥ 1")
     check_mode(mode, cfg.projector.name)
     if select_steps:
         check_mode("oracle_select", cfg.projector.name)
-    _check_inputs(cfg)  # the SAM checkpoint and the data set exist, else a clear error
+    check_run_inputs(cfg)  # the SAM checkpoint and the data set exist, else a clear error
     torch.manual_seed(cfg.seed)
     tag = f"{cfg.projector.name}-{mode}" + (f"-select{select_steps}" if select_steps else "")
     run = Path(out) if out else Path(cfg.runs_root) / "diagnose" / tag
@@ -229,12 +236,7 @@ def diagnose_grounding(
     o = cfg.optim
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     warm = max(1, min(o.warmup_steps, steps // 10))
-
-    def schedule(step: int) -> float:
-        cosine = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))
-        return min(1.0, (step + 1) / warm) * cosine
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warm, steps, floor=0.05))
     val = dm.val_dataloader()[0]
     curve: list[dict] = []
     recent: list[tuple[float, float, float]] = []
@@ -290,6 +292,6 @@ def diagnose_grounding(
         "steps": steps,
         "curve": curve,
     }
-    _write_json(run / "diagnose.json", result)
+    write_json(run / "diagnose.json", result)
     print(f"learning curve written to {run / 'diagnose.json'}")
     return result

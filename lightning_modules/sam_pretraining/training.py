@@ -7,9 +7,6 @@ by the LISA-style mask decoder) is trained on the same target. The whole model i
 image embeddings cannot be cached: keep the encoder small.
 """
 
-import json
-import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
@@ -21,22 +18,25 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from segment_anything.modeling import MaskDecoder, Sam
+from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from datamodules.errors import ConfigError
-from datamodules.refer import ReferDataset
-from lightning_modules.sam_builder import (
+from common.errors import ConfigError
+from common.files import write_json
+from common.sam import (
     SamConfig,
     encoder_state_channels,
     encoder_states,
     sam_from_config,
     save_sam,
 )
-from lightning_modules.threads import check_threads, use_threads
+from common.threads import check_threads, use_threads
+from datamodules.refer import ReferDataset
+from lightning_modules.mask_decoder import decode_masks, dice_loss
+from lightning_modules.schedules import warmup_cosine
 
 
 @dataclass
@@ -202,14 +202,6 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha=0.25, gamma=2.
     return loss.flatten(-2).mean(-1)
 
 
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Soft dice loss per mask over the last two (pixel) dimensions."""
-    prob = logits.sigmoid().flatten(-2)
-    targets = targets.flatten(-2)
-    inter = (prob * targets).sum(-1)
-    return 1 - (2 * inter + eps) / (prob.sum(-1) + targets.sum(-1) + eps)
-
-
 def mask_iou(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """IoU of binary masks over the last two dimensions; an empty union counts 1.0."""
     preds, targets = preds.flatten(-2).bool(), targets.flatten(-2).bool()
@@ -223,32 +215,6 @@ def farthest_point(mask: np.ndarray) -> tuple[int, int]:
     dist = ndimage.distance_transform_edt(np.pad(mask.astype(bool), 1))[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
     return int(x), int(y)
-
-
-def decode_masks(
-    decoder: MaskDecoder,
-    embeddings: torch.Tensor,
-    image_pe: torch.Tensor,
-    sparse: torch.Tensor,
-    dense: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`MaskDecoder.predict_masks` with one image embedding per prompt, so that one call serves
-    the prompts of many images; all four mask logits and IoU predictions are returned."""
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    output_tokens = output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1)
-    tokens = torch.cat((output_tokens, sparse), dim=1)
-    src = embeddings + dense
-    b, c, h, w = src.shape
-    hs, src = decoder.transformer(src, image_pe.expand(b, -1, -1, -1), tokens)
-    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-    hyper_in = torch.stack(
-        [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
-        dim=1,
-    )
-    b, c, h, w = upscaled.shape
-    masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-    return masks, decoder.iou_prediction_head(hs[:, 0, :])
 
 
 class SamTrainingModule(pl.LightningModule):
@@ -331,11 +297,7 @@ class SamTrainingModule(pl.LightningModule):
         points, labels = self.sample_points(targets)
         sparse, dense = sam.prompt_encoder(points=(points, labels), boxes=None, masks=None)
         low_res, iou_pred = decode_masks(
-            sam.mask_decoder,
-            embeddings.repeat_interleave(counts, dim=0),
-            sam.prompt_encoder.get_dense_pe(),
-            sparse,
-            dense,
+            sam, embeddings.repeat_interleave(counts, dim=0), sparse, dense
         )
         logits = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
         targets = targets[:, None].expand_as(logits)
@@ -377,12 +339,7 @@ class SamTrainingModule(pl.LightningModule):
             lr=cfg.lr,
         )
 
-        def schedule(step: int) -> float:
-            if step < cfg.warmup_steps:
-                return (step + 1) / cfg.warmup_steps
-            progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
+        schedule = warmup_cosine(cfg.warmup_steps, cfg.max_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -478,12 +435,6 @@ def evaluate_semantic(
     return {key: right[key] / max(1, counted[key]) for key in module.vocab}
 
 
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def train_sam(cfg: TrainSamConfig, progress: bool = True) -> dict[str, Any]:
     """Train, save ``cfg.out`` (+ sidecar json, + ``metrics.json``) and evaluate single-point mIoU.
 
@@ -547,5 +498,5 @@ def train_sam(cfg: TrainSamConfig, progress: bool = True) -> dict[str, Any]:
         "checkpoint": str(out),
         "threads": threads,
     }
-    _atomic_json(out.parent / "metrics.json", {**result, "config": asdict(cfg)})
+    write_json(out.parent / "metrics.json", {**result, "config": asdict(cfg)})
     return result

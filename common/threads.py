@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from datamodules.errors import ConfigError
+from common.errors import ConfigError
 
 
 def check_threads(threads: int | None, key: str) -> None:

@@ -13,9 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.augment import FlipConfig
-from datamodules.errors import ConfigError
-from lightning_modules.config_compose import (
+from common.errors import ConfigError
+from lightning_modules.cli.compose import (
     CONFIG_ROOT,
     GroupSpec,
     compose,
@@ -41,8 +40,6 @@ class DataConfig:
     limit_test_sentences: int | None = None  # per eval split, final test
     prompt: str = "<image> What is {sentence} in this image? Please output segmentation mask."
     answer: str = "Sure, [SEG]."
-    # training-time flips (probabilities); spatial words in the sentence are swapped with them
-    augment: FlipConfig = field(default_factory=FlipConfig)
 
 
 @dataclass
@@ -64,8 +61,7 @@ class LossConfig:
 class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup_steps: int = 50
-    scheduler: str = "cosine"
+    warmup_steps: int = 50  # linear warm-up (at most a tenth of the run), then cosine to 5 %
     grad_clip: float = 1.0
 
 
@@ -102,7 +98,7 @@ def _component_configs() -> dict[str, type]:
     from datamodules.synthetic import SynthConfig
     from lightning_modules.grounding import GroundingConfig
     from lightning_modules.llm import LLMConfig
-    from lightning_modules.sam_training import TrainSamConfig
+    from lightning_modules.sam_pretraining.training import TrainSamConfig
     from lightning_modules.vision_tower import VisionTowerConfig
     from sweeps.study import SweepConfig
 
@@ -162,8 +158,6 @@ GROUPS = (
     GroupSpec("preset", "tiny"),
     GroupSpec("data", "synthref"),
     GroupSpec("model", "tiny", target=""),
-    # grounding-head recipes on top of the model's (`grounding=patch` for grid-patch tokens)
-    GroupSpec("grounding", "default", overlay=True),
     GroupSpec("trainer", "cpu"),
     GroupSpec("superpixels", "sam", schemas=_source_schema),
     GroupSpec("projector", "semantic", schemas=_projector_schema),
@@ -190,77 +184,17 @@ def rebase_config(
     """`saved` (a resolved config as a dict) with `overrides` applied on top.
 
     A group selection in `overrides` (e.g. `projector=pool`) replaces that group's saved node with
-    the new choice's defaults — except for an overlay group (`grounding=patch`), whose new recipe
-    replaces the old recipe's values only: the saved run's own settings of that node (those that
-    differ from what its groups alone give, e.g. `grounding.rerank=4`) stay, as its weights need
-    them. Dotted overrides are merged last.
+    the new choice's defaults; dotted overrides are merged last.
     """
     saved = dict(saved)
     choices, values = split_overrides(list(overrides), GROUP_NAMES)
     saved_groups = {k: v for k, v in (saved.pop("groups", None) or {}).items() if k in GROUP_NAMES}
-    groups = {**saved_groups, **choices}
-    cfg = load_config([f"{k}={v}" for k, v in groups.items()])
-    # options newer than the run (absent from its file) take their schema default — the run was
-    # trained without them — not what today's preset or recipe sets (a run saved before
-    # `grounding.rerank_context` existed must not grow encoder layers its weights lack)
-    kept = {k: v for k, v in resolved_dict(cfg).items() if k not in choices and k != "groups"}
-    newer = _missing(kept, saved, _schema_defaults(groups))
-    overlays = {g.name for g in GROUPS if g.overlay}
-    for group in choices:  # a newly chosen group replaces the saved node of that group
-        node = saved.pop(group, None)
-        if group in overlays and isinstance(node, dict) and group in saved_groups:
-            built = load_config([f"{k}={v}" for k, v in saved_groups.items()])
-            saved[group] = _changed(node, resolved_dict(built)[group])
-    merge_into(cfg, newer, f"{where} (schema defaults of options it predates)")
+    cfg = load_config([f"{k}={v}" for k, v in {**saved_groups, **choices}.items()])
+    for group in choices:
+        saved.pop(group, None)
     merge_into(cfg, saved, where)
     merge_into(cfg, OmegaConf.from_dotlist(values), "command line")
     return cfg
-
-
-def _schema_defaults(groups: dict) -> dict:
-    """Every option's schema default (the dataclasses', before any YAML), the projector's and
-    the superpixel source's by the chosen names in `groups`."""
-
-    def plain(schema: type) -> dict:
-        return OmegaConf.to_container(OmegaConf.structured(schema), resolve=False)
-
-    out = plain(_make_run_schema())
-    for group, schema in (("projector", _projector_schema), ("superpixels", _source_schema)):
-        try:
-            out[group] = plain(schema(groups[group]))
-        except KeyError:  # no such choice saved: nothing to fill in
-            out.pop(group, None)
-    return out
-
-
-def _missing(built: dict, saved: dict, defaults: dict) -> dict:
-    """The schema defaults (from `defaults`) of the keys of `built` that `saved` lacks, nested
-    mappings key by key; keys without a schema default are left out."""
-    out = {}
-    for key, value in built.items():
-        if key not in defaults:
-            continue
-        if key not in saved:
-            out[key] = defaults[key]
-        elif isinstance(value, dict) and isinstance(saved[key], dict):
-            if isinstance(defaults[key], dict):
-                sub = _missing(value, saved[key], defaults[key])
-                if sub:
-                    out[key] = sub
-    return out
-
-
-def _changed(values: dict, base: dict) -> dict:
-    """The entries of `values` that differ from `base` (nested mappings compared key by key)."""
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            sub = _changed(value, base[key])
-            if sub:
-                out[key] = sub
-        elif key not in base or base[key] != value:
-            out[key] = value
-    return out
 
 
 def resolved_dict(cfg: DictConfig) -> dict:

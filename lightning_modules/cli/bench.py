@@ -69,7 +69,7 @@ def format_baselines(rows: list[dict]) -> str:
 
 
 def _projector_row(cfg: DictConfig, name: str, batch, tokenizer, repeats: int) -> dict:
-    from lightning_modules.config import load_config
+    from lightning_modules.cli.config import load_config
     from lightning_modules.ris_model import RISModel
 
     groups = [f"{k}={v}" for k, v in cfg.groups.items() if k != "projector"]
@@ -112,8 +112,8 @@ def _projector_row(cfg: DictConfig, name: str, batch, tokenizer, repeats: int) -
 def projector_bench(cfg: DictConfig, repeats: int = 3) -> str:
     """Baselines on the eval splits, then one row per projector on one eval batch."""
     from datamodules.ris import RISDataModule
+    from lightning_modules.llm import tokenizer_for
     from lightning_modules.projectors import PROJECTORS
-    from lightning_modules.tokenizer_setup import tokenizer_for
 
     torch.manual_seed(cfg.seed)
     out = ["## Trivial baselines", "", format_baselines(trivial_baselines(cfg)), ""]

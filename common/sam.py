@@ -21,7 +21,8 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from datamodules.errors import ConfigError
+from common.errors import ConfigError
+from common.files import atomic_write, write_json
 
 MODEL_TYPES = ("custom", "vit_b", "vit_l", "vit_h")
 
@@ -139,25 +140,13 @@ def sidecar_path(checkpoint: str | os.PathLike) -> Path:
     return Path(checkpoint).with_suffix(".json")
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_sam(model: Sam, cfg: SamConfig, path: str | os.PathLike) -> Path:
     """Write ``model.state_dict()`` to ``path`` and its config to the sidecar, each atomically."""
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
     meta = asdict(cfg) | {"checkpoint": None}
-    _atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    write_json(sidecar_path(path), meta)
     return path
 
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.errors import ConfigError, DataError
+from common.errors import ConfigError
+from lightning_modules.cli.inputs import require_data, require_folder
 
 
 def _plain(node) -> Any:
@@ -22,40 +23,9 @@ def _refer(cfg: DictConfig, split: str):
     return ReferDataset(cfg.data.root, cfg.data.dataset, cfg.data.split_by, split)
 
 
-def _require_folder(root: str, dataset: str, where: str = "") -> None:
-    """DataError unless `<root>/<dataset>` exists; `where` names the config key it came from."""
-    folder = Path(root) / dataset
-    if not folder.is_dir():
-        hint = " Generate it with `svp synth`." if dataset == "synthref" else ""
-        raise DataError(f"{where}data set folder {folder} is missing.{hint}")
-
-
-def require_data(cfg: DictConfig) -> None:
-    """The RIS data set must exist; a SynthRef made with other `synth.*` settings is warned of."""
-    _require_folder(cfg.data.root, cfg.data.dataset)
-    warn_synthref_mismatch(cfg)
-
-
-def warn_synthref_mismatch(cfg: DictConfig) -> None:
-    """Warn when the SynthRef that `data.root` holds was generated with other `synth.*` settings
-    (other split sizes or seed): numbers would not be comparable with the documented ones."""
-    if cfg.data.dataset != "synthref" or "synth" not in cfg:
-        return
-    from datamodules.synthetic import SynthConfig, synthref_mismatch
-
-    synth: SynthConfig = OmegaConf.to_object(cfg.synth)
-    if Path(synth.root).resolve() != Path(cfg.data.root).resolve():
-        return
-    problem = synthref_mismatch(synth)
-    if problem:
-        import warnings
-
-        warnings.warn(problem, stacklevel=2)
-
-
 # ------------------------------------------------------------------------------ train-sam
 def run_train_sam(cfg: DictConfig, force: bool = False, progress: bool = True) -> dict:
-    from lightning_modules.sam_training import TrainSamConfig, check_config, train_sam
+    from lightning_modules.sam_pretraining.training import TrainSamConfig, check_config, train_sam
 
     ts: TrainSamConfig = OmegaConf.to_object(cfg.train_sam)
     check_config(ts)  # config errors first, before looking for data or an existing SAM
@@ -96,7 +66,7 @@ def _require_sam_data(cfg: DictConfig, ts) -> None:
                 f"({synth.train_images} training images, sam_synth.*)"
             )
         return
-    _require_folder(ts.root, ts.dataset, "train_sam.root: ")
+    require_folder(ts.root, ts.dataset, "train_sam.root: ")
 
 
 def _warn_sam_settings(saved: dict | None, ts, out: Path) -> None:
@@ -128,8 +98,8 @@ def cache_splits(cfg: DictConfig, splits: list[str] | None = None) -> list[str]:
 
 
 def run_precompute(cfg: DictConfig, splits: list[str] | None = None, progress: bool = True):
+    from common.threads import use_threads
     from datamodules.superpixels.precompute import precompute_superpixels
-    from lightning_modules.threads import use_threads
 
     # SAM inference on another thread count can flip a mask at the stability threshold
     use_threads(cfg.trainer.threads, "trainer.threads")
@@ -153,7 +123,7 @@ def run_precompute(cfg: DictConfig, splits: list[str] | None = None, progress: b
 
 def _sources_for(cfg: DictConfig, names: list[str]) -> dict[str, Any]:
     from datamodules.superpixels import SOURCES, build_source
-    from lightning_modules.config import load_config
+    from lightning_modules.cli.config import load_config
 
     sources = {}
     for name in names:
@@ -199,8 +169,8 @@ def run_superpixel_show(
 # ------------------------------------------------------------------------------ sweeps
 def make_train_fn(cfg: DictConfig):
     """A sweep's trial runner: the sweep command's own config + the trial's overrides → `train`."""
-    from lightning_modules.config import rebase_config
-    from lightning_modules.train import train
+    from lightning_modules.cli.config import rebase_config
+    from lightning_modules.cli.train import train
 
     base = OmegaConf.to_container(cfg, resolve=True)
     base.pop("run_dir", None)
@@ -246,7 +216,7 @@ def _print_where(paths: dict, out_dir: Path) -> None:
 
 # ------------------------------------------------------------------------------ bench/demo
 def run_bench(cfg: DictConfig) -> None:
-    from lightning_modules.bench import projector_bench
+    from lightning_modules.cli.bench import projector_bench
 
     print(projector_bench(cfg))
 

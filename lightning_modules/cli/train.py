@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,9 +10,12 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.errors import ConfigError
-from lightning_modules.config_compose import save_config
-from lightning_modules.threads import use_threads
+from common.errors import ConfigError
+from common.files import write_json
+from common.threads import use_threads
+from lightning_modules.cli.compose import save_config
+from lightning_modules.cli.inputs import check_run_inputs
+from lightning_modules.metrics import SPLIT_METRICS
 
 HPARAM_KEYS = (
     "projector",
@@ -46,18 +47,6 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
         elif node is not None:
             out[key] = node
     return out
-
-
-def _check_inputs(cfg: DictConfig) -> None:
-    ckpt = Path(cfg.mask_decoder.checkpoint)
-    if not ckpt.is_file():
-        raise ConfigError(
-            f"mask_decoder.checkpoint={ckpt} does not exist. Train the small SAM first with "
-            "`svp train-sam` (or point mask_decoder.checkpoint at a SAM checkpoint)."
-        )
-    from lightning_modules.pipeline import require_data
-
-    require_data(cfg)
 
 
 def _trainer(
@@ -121,27 +110,11 @@ def _metrics_from(results: list[dict], splits: list[str], prefix: str) -> dict[s
         merged.update({k: float(v) for k, v in r.items()})
     out: dict[str, float] = {}
     for split in splits:
-        for m in (
-            "ciou",
-            "giou",
-            "tokens_mean",
-            "tokens_p50",
-            "tokens_p95",
-            "seq_len_mean",
-            "point_acc",
-            "ciou_hit",
-            "ciou_miss",
-        ):
+        for m in SPLIT_METRICS:
             key = f"{prefix}/{split}/{m}"
             if key in merged:
                 out[f"{split}_{m}"] = merged[key]
     return out
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True) -> dict[str, Any]:
@@ -149,11 +122,11 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from datamodules.ris import RISDataModule
+    from lightning_modules.llm import tokenizer_for
     from lightning_modules.ris_model import RISModel
-    from lightning_modules.tokenizer_setup import tokenizer_for
 
     threads = use_threads(cfg.trainer.threads, "trainer.threads")
-    _check_inputs(cfg)
+    check_run_inputs(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -200,18 +173,18 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
     if trainer.is_global_zero:
         logger.log_hyperparams(flat_hparams(cfg), numeric)
         logger.finalize("success")
-        _write_json(run_dir / "metrics.json", metrics)
+        write_json(run_dir / "metrics.json", metrics, sort_keys=True)
     return metrics
 
 
 def evaluate(cfg: DictConfig, ckpt: str | None = None) -> dict[str, Any]:
     """Test a checkpoint (default: the run's best, else last) on every eval split."""
     from datamodules.ris import RISDataModule
+    from lightning_modules.llm import tokenizer_for
     from lightning_modules.ris_model import RISModel
-    from lightning_modules.tokenizer_setup import tokenizer_for
 
     threads = use_threads(cfg.trainer.threads, "trainer.threads")
-    _check_inputs(cfg)
+    check_run_inputs(cfg)
     run_dir = run_dir_for(cfg)
     if ckpt is None:
         for name in ("best.ckpt", "last.ckpt"):
@@ -236,7 +209,7 @@ def evaluate(cfg: DictConfig, ckpt: str | None = None) -> dict[str, Any]:
     metrics["threads"] = threads
     if trainer.is_global_zero:
         print(format_metrics(metrics, list(cfg.data.eval_splits)))
-        _write_json(run_dir / f"eval-{Path(ckpt).stem}.json", metrics)
+        write_json(run_dir / f"eval-{Path(ckpt).stem}.json", metrics, sort_keys=True)
     return metrics
 
 

@@ -17,21 +17,38 @@ scales with data.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from datamodules.errors import ConfigError
+from common.errors import ConfigError
 from lightning_modules.grounding import grounding_loss
+from lightning_modules.projectors.semantic import GEOMETRY_DIM
 
-FREQUENCIES = 6  # Fourier frequencies of the geometry (as `projector.sspe_frequencies=6`)
+FREQUENCIES = 6  # Fourier frequencies of the geometry
 POINTERS = ("bow", "transformer")
 LEARNING_RATES = {"bow": 3e-3, "transformer": 1e-3}
 MAX_WORDS = 64  # the transformer pointer reads at most this many tokens of a prompt
+
+
+def fourier_geometry(geometry: Tensor, frequencies: int, mask: Tensor) -> Tensor:
+    """Append sin/cos of the first 7 geometry columns at 2^0..2^(F−1)·π; zero on padded slots.
+
+    A ReLU MLP on raw coordinates in [0, 1] resolves position coarsely; the expansion lets it
+    encode where a superpixel is as finely as SAM's own Fourier prompt encoding does.
+    """
+    if frequencies == 0:
+        return geometry
+    base = geometry[..., :GEOMETRY_DIM]
+    scales = math.pi * 2.0 ** torch.arange(frequencies, device=geometry.device)
+    angles = (base[..., None] * scales.to(geometry.dtype)).flatten(-2)
+    waves = torch.cat([angles.sin(), angles.cos()], -1) * mask[..., None].to(geometry.dtype)
+    return torch.cat([geometry, waves], -1)
 
 
 @torch.no_grad()
@@ -41,7 +58,6 @@ def _superpixel_rows(model, loader, progress: bool, desc: str) -> list[tuple]:
     from datamodules.synthetic import expression_kind
     from lightning_modules.grounding import grid_targets, target_distribution
     from lightning_modules.projectors.semantic import (
-        fourier_geometry,
         order_superpixels,
         superpixel_coverage,
         superpixel_geometry,
@@ -49,7 +65,7 @@ def _superpixel_rows(model, loader, progress: bool, desc: str) -> list[tuple]:
 
     rows = []
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        feats = model.tower_features(batch["images"], batch["image_ids"], batch.get("views"))
+        feats = model.tower_features(batch["images"], batch["image_ids"])
         h, w = feats.shape[-2:]
         labels, counts = order_superpixels(batch["labels"], 64, "centroid", h)
         k = int(counts.max())
@@ -178,10 +194,11 @@ def pointing_probe(
 ) -> dict:
     """Train a pointer (`bow` or `transformer`) with and without the superpixels' geometry; val
     top-1 accuracy of each, overall and per expression kind."""
+    from common.files import write_json
     from datamodules.ris import RISDataModule
+    from lightning_modules.cli.inputs import check_run_inputs
+    from lightning_modules.llm import tokenizer_for
     from lightning_modules.ris_model import RISModel
-    from lightning_modules.tokenizer_setup import tokenizer_for
-    from lightning_modules.train import _check_inputs, _write_json
 
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"--steps ({steps}) and --batch-size ({batch_size}) must be ≥ 1")
@@ -191,7 +208,7 @@ def pointing_probe(
         raise ConfigError(f"--train-fraction must be in (0, 1], got {train_fraction}")
     if cfg.superpixels is None:
         raise ConfigError("the pointing probe needs superpixels; set `superpixels=<source>`")
-    _check_inputs(cfg)
+    check_run_inputs(cfg)
     torch.manual_seed(cfg.seed)
     run = Path(out) if out else Path(cfg.runs_root) / "diagnose" / "pointing"
     run.mkdir(parents=True, exist_ok=True)
@@ -241,6 +258,6 @@ def pointing_probe(
         label = name.replace("_", " ")
         print(f"{pointer} pointer, {label}: val top-1 {float(acc):.3f} ({per_kind})")
     result["minutes"] = (time.time() - start) / 60
-    _write_json(run / "pointing.json", result)
+    write_json(run / "pointing.json", result)
     print(f"written to {run / 'pointing.json'}")
     return result

@@ -1,0 +1,55 @@
+"""Files written whole or not at all, and the identity of a file on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def atomic_write(
+    path: str | os.PathLike, content: bytes | str | Callable[[IO[bytes]], Any]
+) -> Path:
+    """Write `path` through a uniquely named temp file beside it, fsync, then rename: readers
+    and other writers (DDP ranks, sweep workers) see the old file or the new one, never a part.
+
+    `content` is the bytes or text to write, or a function that writes to the open binary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            if callable(content):
+                content(file)
+            else:
+                file.write(content.encode() if isinstance(content, str) else content)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, data: Any, **dumps: Any) -> Path:
+    """`atomic_write` of `data` as JSON (`dumps`: `json.dumps` options, default indent 2)."""
+    return atomic_write(path, json.dumps(data, **{"indent": 2, **dumps}))
+
+
+def file_key(*paths: str | os.PathLike) -> str:
+    """A 16-hex key of where the files are and what they hold (absolute path, size and mtime in
+    ns of each): a replaced or regenerated file gets another key. A missing file counts by name."""
+    parts = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            parts.append(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            parts.append(str(path))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
