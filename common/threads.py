@@ -2,8 +2,8 @@
 
 Float sums are split across threads, so the same seed gives bit-identical weights only at the same
 thread count (a 20-step `svp train-sam` differs by 1e-4 between 1 and 2 threads and is identical
-between two 1-thread runs; after 500 steps the two SAMs differ in val mIoU and superpixel count,
-docs/BENCHMARKS.md). `trainer.threads` / `train_sam.threads` pin it; every metrics.json records it.
+between two 1-thread runs; after 500 steps the two SAMs differ in val mIoU and superpixel count).
+`trainer.threads` / `train_sam.threads` pin it; every metrics.json records it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny SynthRef and a tiny SAM checkpoint, built once per test session."""
+"""Shared fixtures: a tiny SynthRef and a tiny SAM checkpoint, built once per test run."""
 
 from __future__ import annotations
 
@@ -8,9 +8,28 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.sam import SamConfig
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 TINY_SYNTH = dict(train_images=24, val_images=8, testA_images=6, testB_images=6, image_size=64)
+
+# the small SAM of the tests: SAM's own classes at tiny widths
+TINY_SAM = SamConfig(
+    img_size=64,
+    patch_size=8,
+    encoder_embed_dim=32,
+    encoder_depth=2,
+    encoder_num_heads=2,
+    encoder_global_attn_indexes=[1],
+    window_size=4,
+    prompt_embed_dim=32,
+    mask_in_chans=8,
+    decoder_depth=1,
+    decoder_mlp_dim=64,
+    decoder_num_heads=2,
+    iou_head_hidden_dim=32,
+)
 
 
 @pytest.fixture(scope="session")
@@ -25,26 +44,11 @@ def synthref_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sam_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised small SAM in SAM's own checkpoint format (+ its sidecar config)."""
-    from common.sam import SamConfig, build_sam, save_sam
+    from common.sam import build_sam, save_sam
 
     torch.manual_seed(0)
-    cfg = SamConfig(
-        img_size=64,
-        patch_size=8,
-        encoder_embed_dim=32,
-        encoder_depth=2,
-        encoder_num_heads=2,
-        encoder_global_attn_indexes=[1],
-        window_size=4,
-        prompt_embed_dim=32,
-        mask_in_chans=8,
-        decoder_depth=1,
-        decoder_mlp_dim=64,
-        decoder_num_heads=2,
-        iou_head_hidden_dim=32,
-    )
     path = tmp_path_factory.mktemp("sam") / "sam_tiny.pth"
-    save_sam(build_sam(cfg), cfg, path)
+    save_sam(build_sam(TINY_SAM), TINY_SAM, path)
     return path
 
 

@@ -271,10 +271,9 @@ def test_every_projector_trains_under_bf16_autocast(
     projector, synthref_root, tiny_sam_checkpoint, tmp_path
 ):
     """`trainer=gpu` trains in bf16-mixed (autocast): each projector, with the re-ranker's
-    spread and context paths on, gives finite masks and loss in bf16,
-    finite float32 gradients wherever a gradient arrives, and one to every projector
-    parameter. CPU autocast stands in for CUDA's here (same op lists for the dtype casts); the
-    run on an H100 is in docs/BENCHMARKS.md."""
+    spread and context paths on, gives finite masks and loss in bf16, finite float32 gradients
+    wherever a gradient arrives, and one to every projector parameter. CPU autocast stands in
+    for CUDA's here (same op lists for the dtype casts)."""
     torch.manual_seed(0)
     extra = (*RERANK_CONTEXT, "grounding.rerank_spread=0.3")
     model, collate, items = _model_and_batch(

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SAM
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
 from segment_anything.modeling import Sam
 
@@ -30,26 +31,10 @@ from lightning_modules.sam_pretraining.training import (
     train_sam,
 )
 
-TINY = SamConfig(
-    img_size=64,
-    patch_size=8,
-    encoder_embed_dim=32,
-    encoder_depth=2,
-    encoder_num_heads=2,
-    encoder_global_attn_indexes=[1],
-    window_size=4,
-    prompt_embed_dim=32,
-    mask_in_chans=8,
-    decoder_depth=1,
-    decoder_mlp_dim=64,
-    decoder_num_heads=2,
-    iou_head_hidden_dim=32,
-)
-
 
 def _tiny_sam(seed: int = 0) -> Sam:
     torch.manual_seed(seed)
-    return build_sam(TINY)
+    return build_sam(TINY_SAM)
 
 
 def _prompted(sam: Sam) -> list[dict[str, torch.Tensor]]:
@@ -87,7 +72,7 @@ def test_bad_config_names_the_key():
 
 def test_save_is_sam_format_and_roundtrips(tmp_path):
     sam = _tiny_sam(0)
-    path = save_sam(sam, TINY, tmp_path / "sam_tiny.pth")
+    path = save_sam(sam, TINY_SAM, tmp_path / "sam_tiny.pth")
     assert sidecar_path(path) == tmp_path / "sam_tiny.json"
     assert json.loads(sidecar_path(path).read_text())["encoder_embed_dim"] == 32
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sam_tiny.json", "sam_tiny.pth"]
@@ -119,7 +104,7 @@ def test_load_official_vit_b_shaped_state_dict(tmp_path):
 def test_missing_files_and_misfits_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"nope\.pth.*svp train-sam"):
         load_sam(tmp_path / "nope.pth")
-    path = save_sam(_tiny_sam(), TINY, tmp_path / "sam_tiny.pth")
+    path = save_sam(_tiny_sam(), TINY_SAM, tmp_path / "sam_tiny.pth")
     side = json.loads(sidecar_path(path).read_text())
     sidecar_path(path).write_text(json.dumps(side | {"encoder_depth": 3}))
     with pytest.raises(ConfigError, match=r"missing \(\d+\): image_encoder\.blocks\.2"):
@@ -200,7 +185,7 @@ def _fit(module: SamTrainingModule, batch: dict, steps: int = 15) -> None:
 
 def test_training_steps_decrease_the_loss(synthref_root):
     torch.manual_seed(0)
-    cfg = TrainSamConfig(root=str(synthref_root), sam=TINY, instances_per_image=8, lr=3e-3)
+    cfg = TrainSamConfig(root=str(synthref_root), sam=TINY_SAM, instances_per_image=8, lr=3e-3)
     module = SamTrainingModule(cfg)
     refer = ReferDataset(synthref_root, "synthref", "unc", "train")
     data = SamInstanceDataset(refer, 64, instances=8, flip=False)
@@ -218,7 +203,7 @@ def test_train_sam_saves_a_loadable_reproducible_checkpoint(synthref_root, tmp_p
     def run(name: str) -> dict:
         cfg = TrainSamConfig(
             root=str(synthref_root),
-            sam=TINY,
+            sam=TINY_SAM,
             max_steps=3,
             batch_size=4,
             warmup_steps=1,
@@ -310,7 +295,7 @@ def test_instance_classes_follow_the_annotations(synthref_root):
 def test_semantic_heads_learn_and_are_not_saved(synthref_root, tmp_path):
     cfg = TrainSamConfig(
         root=str(synthref_root),
-        sam=TINY,
+        sam=TINY_SAM,
         instances_per_image=4,
         semantic_labels=["category", "color"],
         semantic_layer=1,
@@ -339,7 +324,7 @@ def test_semantic_heads_learn_and_are_not_saved(synthref_root, tmp_path):
     # end to end: the val accuracy is recorded, the checkpoint is plain SAM
     run = TrainSamConfig(
         root=str(synthref_root),
-        sam=TINY,
+        sam=TINY_SAM,
         max_steps=2,
         batch_size=4,
         warmup_steps=1,
@@ -365,4 +350,4 @@ def test_semantic_config_errors_name_the_key(synthref_root):
     with pytest.raises(ConfigError, match="train_sam.semantic_labels"):
         train_sam(TrainSamConfig(root=root, semantic_labels=["color", "color"]), progress=False)
     with pytest.raises(ConfigError, match="train_sam.semantic_layer"):
-        SamTrainingModule(TrainSamConfig(sam=TINY, semantic_layer=9), {"color": ["red"]})
+        SamTrainingModule(TrainSamConfig(sam=TINY_SAM, semantic_layer=9), {"color": ["red"]})

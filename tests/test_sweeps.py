@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from common.errors import ConfigError
 from sweeps import SweepConfig, load_space, load_study, pareto_report, run_sweep, suggest
-from sweeps.space import GRID_PARAM, override_value
+from sweeps.space import GRID_PARAM, available_spaces, override_value
 from sweeps.study import SURPLUS, _Objective, slot_holders
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -368,12 +368,28 @@ def test_load_space_unknown_name_lists_spaces():
     assert "compare_projectors" in str(err.value) and "tune_lr" in str(err.value)
 
 
-def test_every_shipped_space_loads():
-    for name in ("compare_projectors", "svp_ablation", "compare_grid", "tune_lr"):
-        space = load_space(name)
-        assert space.n_trials >= 1
-    assert load_space("tune_lr").pruning is not None
-    assert len(load_space("compare_grid").grid) >= 14
+@pytest.mark.parametrize("name", available_spaces())
+def test_every_shipped_space_composes_into_run_configs(name):
+    """Each configs/sweep/*.yaml loads, and every trial it can make is a valid run config: each
+    grid entry, and each parameter's choices or bounds over the base overrides."""
+    from lightning_modules.cli.config import load_config
+
+    space = load_space(name)
+    assert space.n_trials >= 1
+    trials = [[*space.base_overrides, *entry] for entry in space.grid]
+    keys = {p.name: p.key for p in space.params}
+    for param in space.params:
+        values = param.choices or (param.low, param.high)
+        if param.kind == "int":
+            values = tuple(int(v) for v in values)
+        # a conditional parameter (`when`) is composed with the choice it depends on
+        when = [f"{keys[k]}={v[0]}" for k, v in param.when.items()]
+        trials += [[*space.base_overrides, *when, f"{param.key}={v}"] for v in values]
+    assert trials
+    for overrides in trials:
+        load_config(overrides)
+    if name == "demo_grid":  # `make demo`: the MLP once and every compressive projector twice
+        assert len(space.grid) == 13
 
 
 def test_load_study_lists_existing_studies(tmp_path):

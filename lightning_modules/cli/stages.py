@@ -221,9 +221,9 @@ def run_bench(cfg: DictConfig) -> None:
     print(projector_bench(cfg))
 
 
-# What `svp demo` changes in the tiny preset to fit its 20-minute budget on 2 CPU cores (measured in
-# docs/BENCHMARKS.md). The demo's small SAM has its own file, so a short demo never stands in for
-# the tiny preset's full 500-step SAM; every later stage (superpixel cache, mask decoder, vision
+# What `svp demo` changes in the tiny preset to fit its budget on 2 CPU cores (docs/RESULTS.md).
+# The demo's small SAM has its own file, so a short demo never stands in for the tiny preset's
+# full 1,500-step SAM; every later stage (superpixel cache, mask decoder, vision
 # tower) keys on that file and follows it.
 DEMO_OVERRIDES = (
     "sweep.space=demo_grid",

@@ -76,7 +76,7 @@ class TrainSamConfig:
     # classifies it (cross-entropy, × `semantic_weight`). Keys: `category` (COCO category_id) or an
     # annotation attribute (SynthRef: shape, color, size, texture). The heads are not saved: they
     # only shape the encoder, which a small SAM trained from scratch would otherwise leave blind
-    # to what the objects are (docs/BENCHMARKS.md, session 8).
+    # to what the objects are.
     semantic_labels: list[str] = field(default_factory=list)
     semantic_layer: int = -1
     semantic_weight: float = 1.0
