@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from common.errors import ConfigError
+from common.files import atomic_write
 from sweeps.space import override_value
 from sweeps.study import SURPLUS, storage_url
 
@@ -93,7 +95,7 @@ def pareto_report(study: optuna.Study, out_dir: str | Path, echo: bool = True) -
     _write_csv(paths["pareto"], front)
     _plot(paths["plot"], rows, study.study_name)
     markdown = _markdown(study, trials, rows, front)
-    paths["markdown"].write_text(markdown)
+    atomic_write(paths["markdown"], markdown)
     if echo:
         print(markdown)
     return paths
@@ -160,10 +162,11 @@ def _cell(value: Any) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
@@ -201,7 +204,7 @@ def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     ax.set_title(f"{title}: visual tokens vs val cIoU")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda file: fig.savefig(file, dpi=120, format="png"))
 
 
 def _plottable(row: dict[str, Any]) -> bool:
