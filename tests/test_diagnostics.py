@@ -38,7 +38,7 @@ def test_every_mode_trains_and_writes_a_curve(mode, synthref_root, tiny_sam_chec
             assert 0.0 <= point["val_ciou"] <= 1.0 and 0.0 <= point["val_giou"] <= 1.0
             assert math.isfinite(point["train_dice"])
         assert point["seg_std"] >= 0.0
-        if mode in ("llm", "pointing"):  # the tiny preset's grounding head is on
+        if mode in ("llm", "pointing"):  # the tiny preset's grounding pointer is on
             assert 0.0 <= point["val_point_acc"] <= 1.0
             assert 0.0 <= point["train_point_acc"] <= 1.0
     written = tmp_path / "runs" / "diagnose" / f"semantic-{mode}" / "diagnose.json"
@@ -48,7 +48,7 @@ def test_every_mode_trains_and_writes_a_curve(mode, synthref_root, tiny_sam_chec
 def test_pointing_mode_needs_the_grounding_head(synthref_root, tiny_sam_checkpoint, tmp_path):
     overrides = tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path / "runs")
     cfg = load_config([*overrides, "grounding.weight=0", "grounding.pointer=false"])
-    with pytest.raises(ConfigError, match="grounding head"):
+    with pytest.raises(ConfigError, match="grounding pointer"):
         diagnose_grounding(cfg, mode="pointing", steps=1, progress=False)
 
 

@@ -378,7 +378,7 @@ def test_train_resume_eval_and_tensorboard(synthref_root, tiny_sam_checkpoint, t
             results["ddp_cpu"][f"{split}_giou"], abs=1e-6
         )
         assert np.isfinite(results["cpu"][f"{split}_tokens_mean"])
-        # the grounding head's exact pointing accuracy and the hit / miss cIoU split, also
+        # the grounding pointer's exact pointing accuracy and the hit / miss cIoU split, also
         # reduced across processes (16 sentences: a hit or a miss set may be empty, then absent)
         acc = results["cpu"][f"{split}_point_acc"]
         assert 0.0 <= acc <= 1.0

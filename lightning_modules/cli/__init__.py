@@ -337,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_diagnose,
         under=dg_sub,
         description="Train the mask path for --steps with the [SEG] prompt from the LLM (llm) or "
-        "an oracle (oracle_point, oracle_token, text_only, oracle_select), or the grounding head "
-        "alone without the mask decoder (pointing), and print val cIoU, pointing accuracy and "
+        "an oracle (oracle_point, oracle_token, text_only, oracle_select), or the grounding "
+        "pointer's loss alone (pointing), and print val cIoU, pointing accuracy and "
         "the spread of the [SEG] hidden state; writes "
         "<runs_root>/diagnose/<projector>-<mode>/diagnose.json.",
     )

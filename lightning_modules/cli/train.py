@@ -214,7 +214,7 @@ def evaluate(cfg: DictConfig, ckpt: str | None = None) -> dict[str, Any]:
 
 
 def format_metrics(metrics: dict, splits: list[str]) -> str:
-    """Markdown table of the eval metrics; pointing columns when the grounding head is on."""
+    """Markdown table of the eval metrics; pointing columns when the grounding pointer is on."""
     pointing = any(f"{s}_point_acc" in metrics for s in splits)
     head = "| split | cIoU | gIoU | tokens mean | tokens p95 |"
     rule = "|---|---|---|---|---|"

@@ -63,7 +63,7 @@ class GroundingProbe(nn.Module):
         check_mode(mode, model.cfg.projector.name)
         if mode == "pointing" and model.grounding.pointer is None:
             raise ConfigError(
-                "diagnose mode pointing trains the grounding head, which is off: set "
+                "diagnose mode pointing trains the grounding pointer, which is off: set "
                 "grounding.weight > 0 (the tiny preset has it on) and use a projector whose "
                 "tokens have footprints (not resampler)"
             )
@@ -75,7 +75,7 @@ class GroundingProbe(nn.Module):
         elif mode == "text_only":
             self.oracle = nn.EmbeddingBag(len(model.tokenizer), hidden)
         self.seg_std = float("nan")
-        self.point_acc = float("nan")  # top-1 pointing accuracy of the grounding head, if any
+        self.point_acc = float("nan")  # top-1 pointing accuracy of the grounding pointer, if any
 
     def _centroid_code(self, masks: list[torch.Tensor]) -> torch.Tensor:
         points = []
@@ -171,7 +171,7 @@ def _finite(x: float) -> float | None:
 
 @torch.no_grad()
 def _evaluate(probe: GroundingProbe, loader) -> tuple[float, float, float]:
-    """Val cIoU and gIoU with the metrics `svp train` logs, and the grounding head's pointing
+    """Val cIoU and gIoU with the metrics `svp train` logs, and the grounding pointer's pointing
     accuracy (NaN without one)."""
     from lightning_modules.metrics import CIoU, GIoU
 

@@ -7,7 +7,7 @@ head's target weights (`lightning_modules/grounding.py`). Its val top-1 pointing
 quick yardstick for a vision-tower layer or a superpixel source before a full RIS run: it needs
 only the frozen features and the superpixel cache, and trains in about a minute on a CPU.
 A bag of words cannot resolve relations or ordinals ("the second shape from the left"), so it is a
-floor for what the grounding head can reach from the same features, not a ceiling. The
+floor for what the grounding pointer can reach from the same features, not a ceiling. The
 `transformer` pointer reads words and superpixels jointly (a small bidirectional encoder, no
 causal mask), so it can; it is the stronger yardstick of the two. On SynthRef the accuracy is also
 reported per expression kind (attribute, position, superlative, ordinal, relation), and

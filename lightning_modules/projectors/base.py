@@ -22,7 +22,7 @@ class ProjectorOutput(NamedTuple):
 
     `regions` (B×N×(h·w), or None for tokens without a place in the image, e.g. learned queries):
     the share of each feature-grid cell that each token stands for; a cell's shares sum to 1 over
-    the tokens. The grounding head (`lightning_modules/grounding.py`) uses it to find the tokens
+    the tokens. The grounding pointer (`lightning_modules/grounding.py`) uses it to find the tokens
     that cover the target and where they are.
     """
 
