@@ -53,7 +53,7 @@ def mask_losses(mask_logits: list[Tensor], masks: list[Tensor]) -> tuple[Tensor,
 
 class SamDecoder(nn.Module):
     """SAM with its image encoder frozen (embeddings cached per image by `FrozenEncoder`), its
-    prompt encoder frozen and its mask decoder trainable or not.
+    prompt encoder frozen and its mask decoder trainable or not (its IoU head always frozen).
 
     `forward(prompts B×P, images, image_ids)` → mask logits at each image's own size.
     """
@@ -64,6 +64,9 @@ class SamDecoder(nn.Module):
         sam.image_encoder.requires_grad_(False)
         sam.prompt_encoder.requires_grad_(False)
         sam.mask_decoder.requires_grad_(bool(train_decoder))
+        # one mask per prompt, no quality score: the IoU head takes no part in the loss (and DDP
+        # refuses trainable parameters that take none)
+        sam.mask_decoder.iou_prediction_head.requires_grad_(False)
         self.img_size = sam.image_encoder.img_size
         self.prompt_dim = sam.prompt_encoder.embed_dim
         self.image_features = FrozenEncoder(

@@ -437,3 +437,56 @@ def test_feature_cache_keys_name_the_data_set(synthref_root, tiny_sam_checkpoint
     assert first.mask_decoder.image_features.key == again.mask_decoder.image_features.key
     assert moved.tower_features.key != first.tower_features.key
     assert moved.mask_decoder.image_features.key != first.mask_decoder.image_features.key
+
+
+@pytest.mark.parametrize("projector", ["semantic", "mlp"])
+def test_two_process_ddp_training_keeps_the_ranks_in_sync(
+    projector, synthref_root, tiny_sam_checkpoint, tmp_path
+):
+    """`svp train trainer=ddp_cpu` (two gloo processes) trains the tiny preset: every trainable
+    parameter takes part in the loss (DDP refuses otherwise), and the ranks end with the same
+    weights (DDP averages the gradients), saved once."""
+    overrides = tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path, projector)
+    if projector == "mlp":
+        overrides += ["superpixels=grid", "superpixels.k=4"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_modules.cli",
+            "train",
+            *overrides,
+            "trainer=ddp_cpu",
+            "trainer.max_steps=3",
+            "trainer.limit_val_batches=1",
+            "data.limit_test_sentences=8",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "tiny" / f"{projector}-seed0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["val_ciou"] <= 1.0
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 3
+
+
+@pytest.mark.parametrize("projector", sorted(PROJECTORS))
+def test_every_trainable_parameter_gets_a_gradient(
+    projector, synthref_root, tiny_sam_checkpoint, tmp_path
+):
+    """A training step of the tiny preset reaches every trainable parameter: what takes no part
+    in the loss is frozen, as DDP (without its slow unused-parameter search) requires."""
+    torch.manual_seed(0)
+    model, collate, items = _model_and_batch(
+        synthref_root, tiny_sam_checkpoint, tmp_path, (), projector
+    )
+    batch = collate(items)
+    model.train()
+    model.losses(model(batch), batch)["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
