@@ -35,21 +35,25 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SAM_EMBED_DIM = 256
+TINY_IMAGE_SIZE = 128
 
 
 @dataclass
 class VisionTowerConfig:
     """Which tower, where its weights are, and the tiny random-init size used when ``path`` is None.
 
-    ``path`` is a ``save_pretrained`` folder for clip/dinov2 and a SAM ``.pth`` checkpoint for
-    sam_encoder. ``feature_layer`` indexes the hidden states (0 = embeddings, -1 = last layer; LLaVA
-    takes -2); the SAM encoder always returns its neck output, the embedding SAM's decoder reads.
+    ``path`` is a ``save_pretrained`` folder for clip/dinov2 (a CLIPVisionModel or a whole
+    CLIPModel; Dinov2Model or Dinov2WithRegistersModel) and a SAM ``.pth`` checkpoint for
+    sam_encoder. With a path, the patch size and widths are the checkpoint's, and so is the input
+    size unless ``image_size`` sets another (CLIP then interpolates its position embeddings).
+    ``feature_layer`` indexes the hidden states (0 = embeddings, -1 = last layer; LLaVA takes -2;
+    SAM: 0 = patch embedding, 1..depth = blocks, -1 = neck).
     """
 
     name: str = "clip"
     path: str | None = None
     sam_model_type: str = "custom"
-    image_size: int = 128
+    image_size: int | None = None  # None: the checkpoint's own, 128 for a tiny random tower
     patch_size: int = 16
     hidden_size: int = 64
     num_hidden_layers: int = 2
@@ -84,7 +88,7 @@ def _check_path(cfg: VisionTowerConfig, want_dir: bool) -> None:
 
 def _tiny_hf_config(cfg: VisionTowerConfig):
     sizes = dict(
-        image_size=cfg.image_size,
+        image_size=cfg.image_size or TINY_IMAGE_SIZE,
         patch_size=cfg.patch_size,
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_hidden_layers,
@@ -117,7 +121,7 @@ def _load_hf(cfg: VisionTowerConfig) -> nn.Module:
 
 def _tiny_sam_encoder(cfg: VisionTowerConfig) -> ImageEncoderViT:
     return ImageEncoderViT(
-        img_size=cfg.image_size,
+        img_size=cfg.image_size or TINY_IMAGE_SIZE,
         patch_size=cfg.patch_size,
         embed_dim=cfg.hidden_size,
         depth=cfg.num_hidden_layers,
@@ -175,15 +179,16 @@ class VisionTower(nn.Module):
             self.out_channels = encoder_state_channels(
                 self.model, cfg.feature_layer, "vision.feature_layer"
             )
-            if self.model.img_size != cfg.image_size:
+            size = cfg.image_size or self.model.img_size
+            if self.model.img_size != size:
                 raise ConfigError(
                     f"vision.image_size={cfg.image_size} but the SAM encoder in "
-                    f"{cfg.path} takes {self.model.img_size}; set vision.image_size="
-                    f"{self.model.img_size}"
+                    f"{cfg.path} takes {self.model.img_size}; leave vision.image_size unset (null)"
                 )
             self._num_prefix = 0
         else:
             hf = self.model.config
+            size = cfg.image_size or hf.image_size
             patch = hf.patch_size
             self.out_channels = hf.hidden_size
             self._num_prefix = 1 + getattr(hf, "num_register_tokens", 0)
@@ -193,14 +198,13 @@ class VisionTower(nn.Module):
                     f"vision.feature_layer={cfg.feature_layer} is outside "
                     f"-{layers + 1}..{layers} for a {layers}-layer tower"
                 )
-        if cfg.image_size % patch:
+        if size % patch:
             raise ConfigError(
-                f"vision.image_size={cfg.image_size} is not a multiple of the tower's "
-                f"patch size {patch}"
+                f"vision.image_size={size} is not a multiple of the tower's patch size {patch}"
             )
-        side = cfg.image_size // patch
+        side = size // patch
         self.grid_size = (side, side)
-        self.image_size = cfg.image_size
+        self.image_size = size
 
     def train(self, mode: bool = True) -> "VisionTower":
         """Switch mode; a frozen tower's weights stay in eval mode (no dropout, fixed features)."""

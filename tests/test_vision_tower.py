@@ -75,12 +75,91 @@ def test_saved_hf_tower_loads_through_the_same_code(tmp_path, name):
     assert larger(pixels(size=160)).shape == (2, 64, 10, 10)
 
 
+def _clip_vision_config(**sizes):
+    from transformers import CLIPVisionConfig
+
+    # CLIP ViT-L/14-336's geometry (patch 14, 336 px) at tiny widths
+    widths = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    return CLIPVisionConfig(image_size=336, patch_size=14, **{**widths, **sizes})
+
+
+@pytest.mark.parametrize("folder", ["CLIPModel", "CLIPVisionModel"])
+def test_real_clip_folders_give_their_own_geometry(tmp_path, folder):
+    """A whole CLIPModel folder (as openai/clip-vit-large-patch14-336 ships) and a CLIPVisionModel
+    folder load from `vision.path` alone: image size, patch size and width come from the
+    checkpoint (336 px / patch 14 → a 24×24 grid)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    if folder == "CLIPModel":
+        text = CLIPTextConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=99,
+            max_position_embeddings=16,
+        )
+        config = CLIPConfig(
+            text_config=text.to_dict(),
+            vision_config=_clip_vision_config().to_dict(),
+            projection_dim=16,
+        )
+        model = CLIPModel(config)
+        vision = model.vision_model
+    else:
+        model = vision = CLIPVisionModel(_clip_vision_config())
+    model.save_pretrained(tmp_path)
+    tower = build_vision_tower(VisionTowerConfig(name="clip", path=str(tmp_path)))
+    assert tower.image_size == 336 and tower.grid_size == (24, 24) and tower.out_channels == 32
+    x = pixels(1, size=336)
+    expected = vision(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+    expected = expected.transpose(1, 2).reshape(1, 32, 24, 24)
+    torch.testing.assert_close(tower(x), expected)
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_real_dinov2_folders_give_their_own_geometry(tmp_path, registers):
+    """DINOv2 and DINOv2 with registers (patch 14, 518 px as released; tiny widths): geometry
+    from the checkpoint, class and register tokens dropped."""
+    from transformers import (
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
+
+    sizes = dict(
+        image_size=518,
+        patch_size=14,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+    )
+    if registers:
+        model = Dinov2WithRegistersModel(
+            Dinov2WithRegistersConfig(num_register_tokens=registers, **sizes)
+        )
+    else:
+        model = Dinov2Model(Dinov2Config(**sizes))
+    model.save_pretrained(tmp_path)
+    tower = build_vision_tower(VisionTowerConfig(name="dinov2", path=str(tmp_path)))
+    assert tower.grid_size == (37, 37) and tower.out_channels == 32
+    out = tower(pixels(1, size=518))
+    assert out.shape == (1, 32, 37, 37) and torch.isfinite(out).all()
+    smaller = build_vision_tower(
+        VisionTowerConfig(name="dinov2", path=str(tmp_path), image_size=224)
+    )
+    assert smaller(pixels(1, size=224)).shape == (1, 32, 16, 16)
+
+
 def test_sam_checkpoint_loads_its_image_encoder(tmp_path):
     sam_cfg = SamConfig(img_size=64, patch_size=8, encoder_depth=2, encoder_global_attn_indexes=[1])
     sam = build_sam(sam_cfg)
     ckpt = save_sam(sam, sam_cfg, tmp_path / "sam.pth")
     tower = build_vision_tower(
-        VisionTowerConfig(name="sam_encoder", path=str(ckpt), image_size=64, feature_layer=-1)
+        VisionTowerConfig(name="sam_encoder", path=str(ckpt), feature_layer=-1)
     )
     x = pixels(size=64)
     assert torch.allclose(tower(x), sam.image_encoder(x), atol=1e-6)
@@ -93,7 +172,7 @@ def test_sam_checkpoint_loads_its_image_encoder(tmp_path):
     expected = enc.blocks[0](enc.patch_embed(x) + enc.pos_embed).permute(0, 3, 1, 2)
     assert torch.allclose(blocks(x), expected, atol=1e-6)
     assert blocks.out_channels == sam_cfg.encoder_embed_dim
-    with pytest.raises(ConfigError, match="vision.image_size=64"):
+    with pytest.raises(ConfigError, match="vision.image_size=128 .* takes 64"):
         build_vision_tower(VisionTowerConfig(name="sam_encoder", path=str(ckpt), image_size=128))
 
 
