@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -10,19 +11,53 @@ from torch import nn
 
 from common.files import atomic_write
 
-# Frozen-feature memory shared by every model in the process (sweeps run many trials in one
-# process): (encoder key, image id) -> features on CPU.
-_FEATURE_MEMORY: dict[tuple[str, str], torch.Tensor] = {}
+
+class FeatureMemory:
+    """Features on CPU by (encoder key, image id), least recently used first out once they hold
+    more than `limit_bytes`. One per process, shared by every model in it (a sweep runs many
+    trials in one process)."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> torch.Tensor | None:
+        feat = self._items.get(key)
+        if feat is not None:
+            self._items.move_to_end(key)
+        return feat
+
+    def put(self, key: tuple[str, str], feat: torch.Tensor) -> None:
+        size = feat.numel() * feat.element_size()
+        if size > self.limit_bytes:
+            return
+        old = self._items.pop(key, None)
+        self.bytes += size - (0 if old is None else old.numel() * old.element_size())
+        self._items[key] = feat
+        while self.bytes > self.limit_bytes:
+            _, dropped = self._items.popitem(last=False)
+            self.bytes -= dropped.numel() * dropped.element_size()
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+MEMORY = FeatureMemory(limit_bytes=2 * 1024**3)
 
 
 class FrozenEncoder(nn.Module):
     """Runs a frozen image encoder once per image id and remembers the result.
 
-    Two levels: a process-wide memory (sweeps run many trials in one process) and, when `disk_dir`
-    is set, float16 `.npy` files under `disk_dir/key`, shared by every process and machine that
-    sees the folder. With the disk cache on, fresh features are rounded to float16 too, so a run
-    gives the same numbers whether its features were cached or not. `key` must name the encoder
-    and the images behind the ids.
+    Two levels: the process-wide `MEMORY` (bounded in bytes, `cache.memory_mb`) and, when
+    `disk_dir` is set, float16 `.npy` files under `disk_dir/key`, shared by every process and
+    machine that sees the folder. With the disk cache on, fresh features are rounded to float16
+    too, so a run gives the same numbers whether its features were cached or not. `key` must name
+    the encoder and the images behind the ids.
     """
 
     def __init__(
@@ -36,14 +71,15 @@ class FrozenEncoder(nn.Module):
         self.disk_dir = Path(disk_dir) / key if disk_dir else None
 
     def _load(self, name: str) -> torch.Tensor | None:
-        if (self.key, name) in _FEATURE_MEMORY:
-            return _FEATURE_MEMORY[(self.key, name)]
+        feat = MEMORY.get((self.key, name)) if self.memory else None
+        if feat is not None:
+            return feat
         if self.disk_dir is not None:
             path = self.disk_dir / f"{name}.npy"
             if path.is_file():
                 feat = torch.from_numpy(np.load(path).astype(np.float32))
                 if self.memory:
-                    _FEATURE_MEMORY[(self.key, name)] = feat
+                    MEMORY.put((self.key, name), feat)
                 return feat
         return None
 
@@ -53,7 +89,7 @@ class FrozenEncoder(nn.Module):
             array = feat.detach().cpu().numpy().astype(np.float16)
             atomic_write(self.disk_dir / f"{name}.npy", lambda fh: np.save(fh, array))
         if self.memory:
-            _FEATURE_MEMORY[(self.key, name)] = feat.detach().to("cpu")
+            MEMORY.put((self.key, name), feat.detach().to("cpu"))
         return feat
 
     @torch.no_grad()

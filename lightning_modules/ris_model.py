@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.files import file_key
 from common.sam import load_sam
-from lightning_modules.feature_cache import FrozenEncoder
+from lightning_modules.feature_cache import MEMORY, FrozenEncoder
 from lightning_modules.grounding import Grounding, GroundingConfig, picked_hits
 from lightning_modules.llm import (
     build_llm,
@@ -52,6 +52,7 @@ class RISModel(pl.LightningModule):
         hidden = llm.get_input_embeddings().embedding_dim
         projector = build_projector(cfg.projector, tower.out_channels, hidden)
         cache = Path(cfg.cache.root) / "features" if cfg.cache.features else None
+        MEMORY.limit_bytes = int(cfg.cache.memory_mb) * 1024**2
         # features are cached per image id: the key names the encoder *and* the images (the data
         # set's annotation file), so a regenerated or replaced data set gets other entries
         images = file_key(Path(cfg.data.root) / cfg.data.dataset / "instances.json")[:8]

@@ -398,13 +398,13 @@ def test_frozen_features_cached_on_disk(synthref_root, tiny_sam_checkpoint, tmp_
     model = RISModel(cfg, tok).eval()
     collate = RISCollate(PromptEncoder(tok, cfg.data.prompt, cfg.data.answer), tok.pad_token_id)
     batch = collate(_items(synthref_root, [2, 3]))
-    feature_cache._FEATURE_MEMORY.clear()
+    feature_cache.MEMORY.clear()
     with torch.no_grad():
         first = model(batch)
     files = sorted((tmp_path / "cache" / "features").rglob("*.npy"))
     # one file per image for the tower and one for SAM's image embedding, keyed by config hash
     assert len(files) == 2 * len(set(batch["image_ids"].tolist()))
-    feature_cache._FEATURE_MEMORY.clear()
+    feature_cache.MEMORY.clear()
 
     def recompute(images):
         raise AssertionError("features were recomputed instead of read from disk")
@@ -490,3 +490,20 @@ def test_every_trainable_parameter_gets_a_gradient(
     model.losses(model(batch), batch)["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
+
+
+def test_feature_memory_is_bounded_in_bytes():
+    """The RAM in front of the feature cache drops the least recently used entries once it holds
+    more than its budget: memory stays flat however many images a run sees."""
+    from lightning_modules.feature_cache import FeatureMemory
+
+    memory = FeatureMemory(limit_bytes=3 * 4 * 100)  # three 100-float entries
+    for i in range(10):
+        memory.put(("tower", str(i)), torch.full((100,), float(i)))
+        assert memory.bytes <= memory.limit_bytes
+    assert len(memory) == 3 and memory.get(("tower", "0")) is None
+    assert memory.get(("tower", "7")) is not None  # now the most recently used
+    memory.put(("tower", "10"), torch.zeros(100))
+    assert memory.get(("tower", "7")) is not None and memory.get(("tower", "8")) is None
+    memory.put(("tower", "huge"), torch.zeros(1000))  # larger than the budget: not kept
+    assert memory.get(("tower", "huge")) is None and memory.bytes == 3 * 400

@@ -91,7 +91,8 @@ class TrainerConfig:
 class CacheConfig:
     root: str = "${runs_root}/cache"
     shard_size: int = 64
-    features: bool = True
+    features: bool = True  # frozen features on disk under <root>/features
+    memory_mb: int = 2048  # the RAM in front of them, per process (least recently used out)
 
 
 def _component_configs() -> dict[str, type]:
