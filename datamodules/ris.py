@@ -139,6 +139,17 @@ class RISDataModule(pl.LightningDataModule):
         if self.needs_superpixels:
             self._ensure_store(compute=True)
 
+    def superpixels_ready(self) -> bool:
+        """Whether the superpixel cache this run reads is complete (or not needed)."""
+        if not self.needs_superpixels:
+            return True
+        from datamodules.superpixels.precompute import superpixel_cache_dir
+        from datamodules.superpixels.store import INDEX_FILE, missing_shards
+
+        datasets = [self._refer(s) for s in self.splits()]
+        folder = superpixel_cache_dir(datasets, _plain(self.cfg.superpixels), self.cfg.cache.root)
+        return (folder / INDEX_FILE).is_file() and not missing_shards(folder)
+
     def _ensure_store(self, compute: bool):
         from datamodules.superpixels.precompute import (
             ensure_superpixel_cache,

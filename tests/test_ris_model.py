@@ -439,34 +439,37 @@ def test_feature_cache_keys_name_the_data_set(synthref_root, tiny_sam_checkpoint
     assert moved.mask_decoder.image_features.key != first.mask_decoder.image_features.key
 
 
-@pytest.mark.parametrize("projector", ["semantic", "mlp"])
-def test_two_process_ddp_training_keeps_the_ranks_in_sync(
-    projector, synthref_root, tiny_sam_checkpoint, tmp_path
-):
-    """`svp train trainer=ddp_cpu` (two gloo processes) trains the tiny preset: every trainable
-    parameter takes part in the loss (DDP refuses otherwise), and the ranks end with the same
-    weights (DDP averages the gradients), saved once."""
-    overrides = tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path, projector)
-    if projector == "mlp":
-        overrides += ["superpixels=grid", "superpixels.k=4"]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lightning_modules.cli",
-            "train",
-            *overrides,
-            "trainer=ddp_cpu",
-            "trainer.max_steps=3",
-            "trainer.limit_val_batches=1",
-            "data.limit_test_sentences=8",
-        ],
+def _svp(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_modules.cli", *argv],
         capture_output=True,
         text=True,
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         timeout=600,
     )
+
+
+@pytest.mark.parametrize("projector", ["semantic", "mlp"])
+def test_two_process_ddp_training_keeps_the_ranks_in_sync(
+    projector, synthref_root, tiny_sam_checkpoint, tmp_path
+):
+    """`svp train trainer=ddp_cpu` (two gloo processes) trains the tiny preset: every trainable
+    parameter takes part in the loss (DDP refuses otherwise) and the run is saved once. Without
+    its superpixel cache it refuses to start (one rank would build it while the other waits)
+    and names the command that builds it."""
+    overrides = tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path, projector)
+    if projector == "mlp":
+        overrides += ["superpixels=grid", "superpixels.k=4"]
+    train = ["train", *overrides, "trainer=ddp_cpu", "trainer.max_steps=3"]
+    train += ["trainer.limit_val_batches=1", "data.limit_test_sentences=8"]
+    if projector == "semantic":
+        refused = _svp(*train)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert "svp precompute trainer=ddp" in refused.stderr
+        assert not (tmp_path / "tiny").exists()
+        assert _svp("precompute", *overrides).returncode == 0
+    proc = _svp(*train)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "tiny" / f"{projector}-seed0"
     metrics = json.loads((run / "metrics.json").read_text())

@@ -10,6 +10,8 @@ from common.errors import ConfigError, DataError
 
 
 def check_run_inputs(cfg: DictConfig) -> None:
+    """The SAM checkpoint and the data set exist; with several processes, so does the superpixel
+    cache (else every rank but one would wait, for hours with ViT-H, while one builds it)."""
     ckpt = Path(cfg.mask_decoder.checkpoint)
     if not ckpt.is_file():
         raise ConfigError(
@@ -17,6 +19,32 @@ def check_run_inputs(cfg: DictConfig) -> None:
             "`svp train-sam` (or point mask_decoder.checkpoint at a SAM checkpoint)."
         )
     require_data(cfg)
+    if processes(cfg) > 1:
+        from datamodules.ris import RISDataModule
+
+        if not RISDataModule(cfg, tokenizer=None).superpixels_ready():
+            raise DataError(
+                f"the {cfg.superpixels.name} superpixel cache under {cfg.cache.root} is missing "
+                f"or incomplete, and {processes(cfg)} processes would wait for one of them to "
+                "build it. Build it first with all of them: `svp precompute trainer=ddp` (with "
+                "this run's data, superpixels and cache overrides)."
+            )
+
+
+def processes(cfg: DictConfig) -> int:
+    """How many processes the run's trainer starts (devices × nodes)."""
+    t = cfg.trainer
+    devices = t.devices
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if devices in ("auto", -1):
+        import torch
+
+        gpu = t.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        devices = torch.cuda.device_count() if gpu else 1
+    elif not isinstance(devices, int):
+        devices = len(devices)
+    return int(devices) * int(t.num_nodes)
 
 
 def require_folder(root: str, dataset: str, where: str = "") -> None:
