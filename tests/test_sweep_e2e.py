@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import nbformat
+import pytest
 import yaml
 from conftest import tiny_run_overrides
 from nbclient import NotebookClient
@@ -34,6 +35,7 @@ def _execute(notebook: str, env: dict[str, str]) -> None:
         os.environ.update(old)
 
 
+@pytest.mark.slow
 def test_three_trial_study_report_and_notebooks(synthref_root, tiny_sam_checkpoint, tmp_path):
     space = tmp_path / "tiny_grid.yaml"
     space.write_text(

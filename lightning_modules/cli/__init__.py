@@ -147,6 +147,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.table:
+        from lightning_modules.cli.table import refer_table
+
+        refer_table(_load(args), ckpt=args.ckpt)
+        return 0
     from lightning_modules.cli.train import evaluate
 
     evaluate(_load(args), ckpt=args.ckpt)
@@ -320,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ckpt",
         required=False,
         help="checkpoint path (default: the run's best.ckpt, else its last.ckpt)",
+    )
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="evaluate on every RefCOCO val/testA/testB, RefCOCO+ val/testA/testB and RefCOCOg "
+        "val/test split under data.root and write refer-table.md/.csv into the run folder",
     )
     add("sweep", "Run an Optuna sweep (sweep.space=<name>).", cmd_sweep)
     add("report", "Write the Pareto report of a study (sweep.name=<study>).", cmd_report)

@@ -177,8 +177,9 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
     return metrics
 
 
-def evaluate(cfg: DictConfig, ckpt: str | None = None) -> dict[str, Any]:
-    """Test a checkpoint (default: the run's best, else last) on every eval split."""
+def evaluate(cfg: DictConfig, ckpt: str | None = None, tag: str = "") -> dict[str, Any]:
+    """Test a checkpoint (default: the run's best, else last) on every eval split; writes
+    `eval-<checkpoint>[-<tag>].json` into the run folder."""
     from datamodules.ris import RISDataModule
     from lightning_modules.llm import tokenizer_for
     from lightning_modules.ris_model import RISModel
@@ -209,7 +210,8 @@ def evaluate(cfg: DictConfig, ckpt: str | None = None) -> dict[str, Any]:
     metrics["threads"] = threads
     if trainer.is_global_zero:
         print(format_metrics(metrics, list(cfg.data.eval_splits)))
-        write_json(run_dir / f"eval-{Path(ckpt).stem}.json", metrics, sort_keys=True)
+        name = f"eval-{Path(ckpt).stem}" + (f"-{tag}" if tag else "")
+        write_json(run_dir / f"{name}.json", metrics, sort_keys=True)
     return metrics
 
 
