@@ -9,6 +9,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from pytorch_lightning.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from common.errors import DataError
@@ -135,9 +136,12 @@ class RISDataModule(pl.LightningDataModule):
         return [self.cfg.data.train_split, *self.cfg.data.eval_splits]
 
     def prepare_data(self) -> None:
-        """Builds the superpixel cache on rank 0 when the projector needs it and it is missing."""
+        """Builds the superpixel cache on rank 0 when the projector needs it and it is missing,
+        leaving the random state as it was: a run gives the same numbers whether it built the
+        cache or found it."""
         if self.needs_superpixels:
-            self._ensure_store(compute=True)
+            with isolate_rng(include_cuda=False):
+                self._ensure_store(compute=True)
 
     def superpixels_ready(self) -> bool:
         """Whether the superpixel cache this run reads is complete (or not needed)."""

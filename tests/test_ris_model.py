@@ -518,3 +518,21 @@ def test_feature_memory_is_bounded_in_bytes():
     assert memory.get(("tower", "7")) is not None and memory.get(("tower", "8")) is None
     memory.put(("tower", "huge"), torch.zeros(1000))  # larger than the budget: not kept
     assert memory.get(("tower", "huge")) is None and memory.bytes == 3 * 400
+
+
+def test_a_run_that_builds_its_superpixel_cache_equals_one_that_finds_it(
+    synthref_root, tiny_sam_checkpoint, tmp_path
+):
+    """Building the cache inside `svp train` draws no random numbers the training would see."""
+    from lightning_modules.cli.train import train
+
+    extra = ["superpixels=grid", "superpixels.k=4", "trainer.max_steps=4", "trainer.threads=1"]
+    extra += ["trainer.limit_val_batches=1", "data.limit_test_sentences=8"]
+    built = train(
+        _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, "semantic", [*extra, "name=a"])
+    )
+    found = train(
+        _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, "semantic", [*extra, "name=b"])
+    )
+    for key in ("val_ciou", "testA_ciou", "testB_giou", "val_point_acc"):
+        assert built[key] == found[key], key
