@@ -11,3 +11,7 @@ class DataError(SVPError):
 
 class ConfigError(SVPError):
     """An unknown config key, a wrong type, or an invalid value."""
+
+
+class SweepIncomplete(SVPError):
+    """A sweep ended with no completed trial, or with trials left unfinished."""

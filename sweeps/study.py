@@ -115,6 +115,11 @@ def run_sweep(cfg: SweepConfig, train_fn: TrainFn, progress: bool = True) -> opt
     start = time.monotonic()
     space = load_space(cfg.space)
     space = replace(space, base_overrides=(*space.base_overrides, *cfg.overrides))
+    if cfg.n_trials is not None and cfg.n_trials < 1:
+        raise ConfigError(
+            f"sweep.n_trials={cfg.n_trials}: a study needs at least one trial; leave it unset "
+            f"(null) for the space's {space.n_trials}."
+        )
     n_trials = cfg.n_trials or space.n_trials
     if space.grid and n_trials > len(space.grid):
         raise ConfigError(
@@ -313,6 +318,31 @@ def _check_same_space(study: optuna.Study, cfg: SweepConfig, space: SearchSpace)
 def _plain(value: Any) -> Any:
     """Tensor and numpy scalars as Python numbers, so the storage can hold them as JSON."""
     return value.item() if hasattr(value, "item") else value
+
+
+def unfinished(study: optuna.Study, n_trials: int | None = None) -> str | None:
+    """Why the study is not done, or None: no trial completed, or trials still wait, run (on
+    another worker, or a dead one within its grace period) or were never started."""
+    holders = slot_holders(study.get_trials(deepcopy=False))
+    counts = {s: sum(t.state == s for t in holders) for s in TrialState}
+    done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+    open_ = counts[TrialState.RUNNING] + counts[TrialState.WAITING]
+    missing = max(0, (n_trials or len(holders)) - len(holders))
+    total = n_trials or len(holders)
+    if open_ or missing:
+        return (
+            f"study '{study.study_name}': {open_ + missing} of {total} trials are unfinished "
+            f"({counts[TrialState.RUNNING]} running, {counts[TrialState.WAITING]} waiting, "
+            f"{missing} not started); rerun the same `svp sweep` to finish them (a running trial "
+            "of a dead worker is retried after sweep.grace_period)."
+        )
+    if not done:
+        return (
+            f"study '{study.study_name}': none of its {total} trials completed "
+            f"({counts[TrialState.FAIL]} failed); each failed trial's error is in its "
+            "`error` user attribute (`svp report` lists them)."
+        )
+    return None
 
 
 def _print_summary(study: optuna.Study, n_trials: int) -> None:

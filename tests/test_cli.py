@@ -183,3 +183,14 @@ def test_training_on_a_synthref_made_with_other_settings_warns(synthref_root):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_synthref_mismatch(load_config(same))
+
+
+def test_sweep_where_every_trial_fails_exits_2_with_the_count(synthref_root, tmp_path, capsys):
+    from conftest import tiny_run_overrides
+
+    overrides = tiny_run_overrides(synthref_root, tmp_path / "no-sam.pth", tmp_path, "mlp")
+    argv = ["sweep", *overrides, "sweep=demo_grid", "sweep.name=broken", "sweep.n_trials=2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: study 'broken': none of its 2 trials completed (2 failed)" in err
+    assert (tmp_path / "broken" / "report.md").is_file()  # the report is written all the same

@@ -71,7 +71,9 @@ def fake_train(overrides: list[str], run_dir: Path, callbacks: list) -> dict:
 
 
 def _cfg(tmp_path: Path, space: str | Path, **kw) -> SweepConfig:
-    return SweepConfig(name="s", space=str(space), runs_root=str(tmp_path / "runs"), **kw)
+    return SweepConfig(
+        **{"name": "s", "space": str(space), "runs_root": str(tmp_path / "runs"), **kw}
+    )
 
 
 def _space_file(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
@@ -397,3 +399,30 @@ def test_load_study_lists_existing_studies(tmp_path):
     assert load_study("s", runs_root=tmp_path / "runs").study_name == "s"
     with pytest.raises(ConfigError, match="Studies under .*: s\\."):
         load_study("other", runs_root=tmp_path / "runs")
+
+
+def test_unfinished_names_what_is_left(tmp_path):
+    """A study is done when it holds its trials, none open, at least one completed: else the
+    reason, with the counts (`svp sweep` exits 2 with it)."""
+    from sweeps.study import unfinished
+
+    done = run_sweep(_cfg(tmp_path, "compare_projectors", n_trials=2), fake_train, progress=False)
+    assert unfinished(done, 2) is None
+    assert "1 not started" in unfinished(done, 3)
+
+    def broken(overrides, run_dir, callbacks):
+        raise RuntimeError("training crashed")
+
+    cfg = _cfg(tmp_path, "compare_projectors", n_trials=2, name="broken", max_retry=0)
+    failed = run_sweep(cfg, broken, progress=False)
+    assert "none of its 2 trials completed (2 failed)" in unfinished(failed, 2)
+    failed.ask()  # a trial left RUNNING (its worker killed, within the grace period)
+    study = load_study("broken", runs_root=tmp_path / "runs")
+    assert "1 running" in unfinished(study, 3)
+
+
+def test_zero_trials_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="sweep.n_trials=0"):
+        run_sweep(_cfg(tmp_path, "compare_projectors", n_trials=0), fake_train, progress=False)
+    with pytest.raises(ConfigError, match="sweep.n_trials=-1"):
+        run_sweep(_cfg(tmp_path, "compare_projectors", n_trials=-1), fake_train, progress=False)

@@ -9,9 +9,18 @@ from omegaconf import DictConfig, OmegaConf
 from common.errors import ConfigError, DataError
 
 
-def check_run_inputs(cfg: DictConfig) -> None:
-    """The SAM checkpoint and the data set exist; with several processes, so does the superpixel
-    cache (else every rank but one would wait, for hours with ViT-H, while one builds it)."""
+def run_dir_for(cfg: DictConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    return Path(cfg.runs_root) / cfg.name / f"{cfg.projector.name}-seed{cfg.seed}"
+
+
+def check_run_inputs(cfg: DictConfig, training: bool = False) -> None:
+    """What a run reads, checked before it writes anything: the values that size it, the SAM
+    checkpoint, the data set and its splits, a checkpoint to resume from; for training, that the
+    run folder does not hold a finished run; with several processes, the superpixel cache (else
+    every rank but one would wait, for hours with ViT-H, while one builds it)."""
+    check_values(cfg)
     ckpt = Path(cfg.mask_decoder.checkpoint)
     if not ckpt.is_file():
         raise ConfigError(
@@ -19,6 +28,9 @@ def check_run_inputs(cfg: DictConfig) -> None:
             "`svp train-sam` (or point mask_decoder.checkpoint at a SAM checkpoint)."
         )
     require_data(cfg)
+    require_splits(cfg, [cfg.data.train_split] if training else [])
+    if training:
+        check_run_folder(cfg)
     if processes(cfg) > 1:
         from datamodules.ris import RISDataModule
 
@@ -29,6 +41,68 @@ def check_run_inputs(cfg: DictConfig) -> None:
                 "build it. Build it first with all of them: `svp precompute trainer=ddp` (with "
                 "this run's data, superpixels and cache overrides)."
             )
+
+
+def check_values(cfg: DictConfig) -> None:
+    """ConfigError, naming the key, for sizes a run cannot run with."""
+    for key in ("data.batch_size", "data.eval_batch_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1.")
+    for key in ("limit_train_sentences", "limit_val_sentences", "limit_test_sentences"):
+        value = cfg.data[key]
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{key}={value} must be at least 1, or null for all.")
+    steps = cfg.trainer.max_steps
+    if steps == 0 or steps < -1:
+        raise ConfigError(
+            f"trainer.max_steps={steps} trains nothing; use a number of steps ≥ 1, or -1 to let "
+            "trainer.max_epochs decide."
+        )
+
+
+def require_splits(cfg: DictConfig, extra: list[str]) -> None:
+    """DataError, naming the key, for an eval (or `extra`) split the data set does not have."""
+    from datamodules.refer import available_splits
+
+    d = cfg.data
+    present = available_splits(d.root, d.dataset, d.split_by)
+    for key, splits in (("data.train_split", extra), ("data.eval_splits", list(d.eval_splits))):
+        for split in splits:
+            if split not in present:
+                raise DataError(
+                    f"{key}: {d.dataset} ({d.split_by}) under {d.root} has no split {split!r}; "
+                    f"its splits are {', '.join(present)}."
+                )
+
+
+def check_run_folder(cfg: DictConfig) -> None:
+    """A finished run (its metrics.json written) is never trained over, except to resume it;
+    a checkpoint to resume from must be readable."""
+    run_dir = run_dir_for(cfg)
+    if cfg.ckpt_path is None and (run_dir / "metrics.json").is_file():
+        raise ConfigError(
+            f"{run_dir} holds a finished run. Give this one another name=, seed= or run_dir=, "
+            "continue that one with ckpt_path=last, or delete the folder."
+        )
+    if cfg.ckpt_path not in (None, "last"):
+        check_checkpoint(cfg.ckpt_path, "ckpt_path")
+
+
+def check_checkpoint(path: str, key: str) -> None:
+    """ConfigError unless `path` is a readable Lightning checkpoint (a state dict inside)."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}={path} does not exist; pass a .ckpt file of a run.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"{key}={path} is not a readable checkpoint ({err}).") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise ConfigError(f"{key}={path} is not a Lightning checkpoint (no state_dict in it).")
 
 
 def processes(cfg: DictConfig) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from common.errors import ConfigError
+from common.errors import ConfigError, SweepIncomplete
 from lightning_modules.cli.inputs import require_data, require_folder
 
 
@@ -185,14 +185,19 @@ def make_train_fn(cfg: DictConfig):
 
 
 def run_sweep_command(cfg: DictConfig):
+    """Run the sweep and write its report; a `SweepIncomplete` error (after the report) when no
+    trial completed or trials are left unfinished."""
     from sweeps.report import pareto_report
-    from sweeps.study import run_sweep
+    from sweeps.study import load_space, run_sweep, unfinished
 
     sweep_cfg = OmegaConf.to_object(cfg.sweep)
     study = run_sweep(sweep_cfg, make_train_fn(cfg), progress=True)
     out_dir = Path(cfg.runs_root) / study.study_name
     paths = pareto_report(study, out_dir)
     _print_where(paths, out_dir)
+    problem = unfinished(study, sweep_cfg.n_trials or load_space(sweep_cfg.space).n_trials)
+    if problem:
+        raise SweepIncomplete(problem)
     return study
 
 

@@ -26,7 +26,8 @@ def refer_table(cfg: DictConfig, ckpt: str | None = None) -> list[dict[str, Any]
     found under `data.root`, every sentence of each split; write `refer-table.md` and `.csv`
     into the run folder and return the rows."""
     from datamodules.refer import ReferDataset, available_splits
-    from lightning_modules.cli.train import evaluate, run_dir_for
+    from lightning_modules.cli.inputs import run_dir_for
+    from lightning_modules.cli.train import evaluate
 
     root = Path(cfg.data.root)
     rows: list[dict[str, Any]] = []

@@ -14,7 +14,7 @@ from common.errors import ConfigError
 from common.files import write_json
 from common.threads import use_threads
 from lightning_modules.cli.compose import save_config
-from lightning_modules.cli.inputs import check_run_inputs
+from lightning_modules.cli.inputs import check_checkpoint, check_run_inputs, run_dir_for
 from lightning_modules.metrics import SPLIT_METRICS
 
 HPARAM_KEYS = (
@@ -28,12 +28,6 @@ HPARAM_KEYS = (
     "trainer.max_epochs",
     "seed",
 )
-
-
-def run_dir_for(cfg: DictConfig) -> Path:
-    if cfg.run_dir:
-        return Path(cfg.run_dir)
-    return Path(cfg.runs_root) / cfg.name / f"{cfg.projector.name}-seed{cfg.seed}"
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -126,14 +120,16 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
     from lightning_modules.ris_model import RISModel
 
     threads = use_threads(cfg.trainer.threads, "trainer.threads")
-    check_run_inputs(cfg)
+    check_run_inputs(cfg, training=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = run_dir_for(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    tokenizer = tokenizer_for(cfg, run_dir / "tokenizer")
+    saved = run_dir / "tokenizer"  # a resumed run keeps its tokenizer
+    tokenizer = tokenizer_for(cfg, saved if (saved / "tokenizer.json").is_file() else None)
     dm = RISDataModule(cfg, tokenizer)
-    model = RISModel(cfg, tokenizer)
+    model = RISModel(cfg, tokenizer)  # the components' own config errors surface here
+    # the run folder is written only once everything it describes is known to build
+    save_config(cfg, run_dir / "config.yaml")
+    tokenizer.save_pretrained(saved)
     version = f"{cfg.projector.name}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     logger = TensorBoardLogger(
         save_dir=str(run_dir), name="tb", version=version, default_hp_metric=False
@@ -192,11 +188,12 @@ def evaluate(cfg: DictConfig, ckpt: str | None = None, tag: str = "") -> dict[st
             if (run_dir / "checkpoints" / name).is_file():
                 ckpt = str(run_dir / "checkpoints" / name)
                 break
-    if ckpt is None or not Path(ckpt).is_file():
+    if ckpt is None:
         raise ConfigError(
-            f"no checkpoint to evaluate: {ckpt or run_dir / 'checkpoints'} not found. Pass "
+            f"no checkpoint to evaluate: none in {run_dir / 'checkpoints'}. Pass "
             "--ckpt PATH or the run's --config/run_dir."
         )
+    check_checkpoint(ckpt, "--ckpt")
     pl.seed_everything(cfg.seed, verbose=False)
     tokenizer = tokenizer_for(cfg, run_dir / "tokenizer")
     model = RISModel(cfg, tokenizer)

@@ -1,0 +1,79 @@
+"""Bad input: an `error:` line naming the key or file, exit 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from conftest import tiny_run_overrides
+
+from lightning_modules.cli import main
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file below `folder` with a hash of its bytes."""
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthref_root, tiny_sam_checkpoint, tmp_path_factory) -> tuple[list[str], Path]:
+    """A finished two-step `mlp` run: its overrides and its folder."""
+    runs = tmp_path_factory.mktemp("runs")
+    overrides = tiny_run_overrides(synthref_root, tiny_sam_checkpoint, runs, "mlp")
+    overrides += ["superpixels=grid", "superpixels.k=4", "trainer.max_steps=2"]
+    overrides += ["trainer.limit_val_batches=1", "data.limit_test_sentences=4"]
+    assert main(["train", *overrides]) == 0
+    return overrides, runs / "tiny" / "mlp-seed0"
+
+
+CASES = {
+    "batch size 0": (["data.batch_size=0"], "data.batch_size=0"),
+    "eval batch size 0": (["data.eval_batch_size=0"], "data.eval_batch_size=0"),
+    "max_steps 0": (["trainer.max_steps=0"], "trainer.max_steps=0"),
+    "limit 0": (["data.limit_train_sentences=0"], "data.limit_train_sentences=0"),
+    "missing split": (["data.eval_splits=[val,testC]"], "data.eval_splits: synthref"),
+    "missing train split": (["data.train_split=trainval"], "data.train_split"),
+    "missing ckpt_path": (["ckpt_path=/nonexistent/x.ckpt"], "ckpt_path=/nonexistent/x.ckpt"),
+}
+
+
+@pytest.mark.parametrize("extra, named", CASES.values(), ids=CASES.keys())
+def test_train_refuses_before_writing(finished_run, extra, named, tmp_path, capsys):
+    overrides, _ = finished_run
+    run_dir = tmp_path / "fresh"
+    assert main(["train", *overrides, f"run_dir={run_dir}", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and named in err and "Traceback" not in err
+    assert not run_dir.exists()
+
+
+def test_a_finished_run_is_never_trained_over(finished_run, capsys):
+    overrides, run_dir = finished_run
+    before = _tree(run_dir)
+    assert main(["train", *overrides, "optim.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run" in err and "ckpt_path=last" in err
+    assert _tree(run_dir) == before  # config.yaml still says what the run was trained with
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"PK\x03\x04truncated"])
+def test_corrupt_checkpoints_are_named(finished_run, content, tmp_path, capsys):
+    overrides, run_dir = finished_run
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(content)
+    before = _tree(run_dir)
+    config = str(run_dir / "config.yaml")
+    assert main(["eval", "--config", config, "--ckpt", str(bad)]) == 2
+    assert f"--ckpt={bad}" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    assert main(["train", *overrides, f"run_dir={fresh}", f"ckpt_path={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert f"ckpt_path={bad}" in err and "Traceback" not in err and not fresh.exists()
+    assert _tree(run_dir) == before
