@@ -33,6 +33,9 @@ class FakeImages:
         self.fail_after, self.log_dir = fail_after, log_dir
         self.loads = self.instance_loads = 0
 
+    def image_path(self, image_id):
+        return self.root / "images" / f"{image_id}.png"  # not on disk: keyed by name
+
     def load_image(self, image_id):
         if self.fail_after is not None and self.loads >= self.fail_after:
             raise RuntimeError("simulated crash")
@@ -225,3 +228,32 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_spawn_equals_one_process(tmp_path):
     check_two_ranks(tmp_path, "ddp_spawn")
+
+
+def test_replaced_data_gets_its_own_cache(tmp_path):
+    """A cache is keyed by what the images and annotations are, not only their ids: regenerated
+    SynthRef (same sizes, another seed) or one replaced image file is computed anew."""
+    from conftest import TINY_SYNTH
+
+    from datamodules.refer import ReferDataset
+    from datamodules.synthetic import SynthConfig, generate_synthref
+
+    root = tmp_path / "data"
+
+    def datasets():
+        return [ReferDataset(root, "synthref", "unc", s) for s in ("train", "val")]
+
+    generate_synthref(SynthConfig(root=str(root), seed=0, **TINY_SYNTH), progress=False)
+    first, _ = run(datasets(), tmp_path / "cache")
+    assert superpixel_cache_dir(datasets(), GRID, tmp_path / "cache") == first
+    generate_synthref(SynthConfig(root=str(root), seed=5, **TINY_SYNTH), False, overwrite=True)
+    again, _ = run(datasets(), tmp_path / "cache")
+    assert again != first
+    image = datasets()[0].image_path(datasets()[0].image_ids[0])
+    image.write_bytes(image.read_bytes())  # the same bytes, a new file: counted as replaced
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    third, _ = run(datasets(), tmp_path / "cache")
+    assert third not in (first, again)
+    # a subset of the images no longer finds the complete cache of the old files either
+    val = [ReferDataset(root, "synthref", "unc", "val")]
+    assert superpixel_cache_dir(val, GRID, tmp_path / "cache") in (third,)

@@ -8,8 +8,9 @@ many GPUs and nodes (`strategy="ddp"`).
 
 import hashlib
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,6 +21,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from common.errors import DataError
+from common.files import file_key
 
 from .base import SOURCES, build_source, source_config
 from .store import (
@@ -47,6 +49,8 @@ class ImageDataset(Protocol):
     split_by: str
     image_ids: Sequence[Hashable]
 
+    def image_path(self, image_id: Hashable) -> Path: ...
+
     def load_image(self, image_id: Hashable) -> np.ndarray: ...
 
     def instance_masks(self, image_id: Hashable) -> np.ndarray: ...
@@ -69,14 +73,24 @@ def source_identity(source_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def data_key_for(datasets: Sequence[ImageDataset]) -> dict[str, Any]:
-    """What defines the images: data roots, datasets (name/split_by) and the exact image ids."""
+    """What defines the images: data roots, datasets (name/split_by), the exact image ids, and
+    what the files are (`files_key`), so replaced images or annotations get another cache."""
     ids = sorted({i for ds in datasets for i in ds.image_ids})
     return {
         "roots": sorted({str(Path(ds.root).resolve()) for ds in datasets}),
         "datasets": sorted({f"{ds.dataset}/{ds.split_by}" for ds in datasets}),
         "num_images": len(ids),
         "image_ids_sha256": config_hash({"image_ids": ids}),
+        "files": files_key(datasets, ids),
     }
+
+
+def files_key(datasets: Sequence[ImageDataset], image_ids: Sequence[Hashable]) -> str:
+    """`file_key` (path, size, mtime) of the data sets' annotation files and of the image file
+    of each of `image_ids` (found through the first data set)."""
+    annotations = sorted({str(Path(ds.root) / ds.dataset / "instances.json") for ds in datasets})
+    first = datasets[0]
+    return file_key(*annotations, *(first.image_path(i) for i in sorted(image_ids)))
 
 
 def superpixel_cache_dir(
@@ -86,11 +100,17 @@ def superpixel_cache_dir(
     or a complete cache of the same source that covers all their images."""
     identity = source_identity(resolve_source_config(source_cfg))
     ids = [i for ds in datasets for i in ds.image_ids]
-    return _cache_folder(cache_root, identity, data_key_for(datasets), ids)
+    return _cache_folder(
+        cache_root, identity, data_key_for(datasets), ids, partial(files_key, datasets)
+    )
 
 
 def _cache_folder(
-    cache_root: str | Path, identity: dict, data_key: dict, image_ids: Sequence[Hashable]
+    cache_root: str | Path,
+    identity: dict,
+    data_key: dict,
+    image_ids: Sequence[Hashable],
+    files: Callable[[Sequence[Hashable]], str],
 ) -> Path:
     """The request's own cache folder once it exists (complete or not); else a complete cache of
     the same source that holds every image (`find_covering_cache`); else the own folder, to be
@@ -98,7 +118,7 @@ def _cache_folder(
     own = cache_dir_for(cache_root, identity, data_key)
     if (own / META_FILE).is_file():
         return own
-    return find_covering_cache(cache_root, identity, data_key, image_ids) or own
+    return find_covering_cache(cache_root, identity, data_key, image_ids, files) or own
 
 
 def precompute_superpixels(
@@ -131,7 +151,9 @@ def precompute_superpixels(
         for image_id in ds.image_ids:
             owners.setdefault(image_id, ds)
     data_key = data_key_for(datasets)
-    folder = _cache_folder(cache_root, identity, data_key, list(owners))
+    folder = _cache_folder(
+        cache_root, identity, data_key, list(owners), partial(files_key, datasets)
+    )
     if folder != cache_dir_for(cache_root, identity, data_key):  # e.g. `svp eval
         # data.eval_splits=[val]` after training on every split: the full cache holds these
         total = len(owners)

@@ -15,7 +15,7 @@ import os
 import time
 import zipfile
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -96,11 +96,13 @@ def find_covering_cache(
     source_cfg: Mapping[str, Any],
     data_key: Mapping[str, Any],
     image_ids: Sequence[Hashable],
+    files: Callable[[Sequence[Hashable]], str] | None = None,
 ) -> Path | None:
     """A complete cache under `cache_root` for the same source config, data roots and datasets
     whose images include every one of `image_ids` — e.g. the train + val + testA + testB cache
-    when only val is asked for — or None. The first such folder by name, so the choice is
-    stable."""
+    when only val is asked for — or None. With `files` (image ids → the key of what their files
+    are), the cache's recorded key must also match its images' files as they are now. The first
+    such folder by name, so the choice is stable."""
     source_cfg, data_key = _canonical(source_cfg), _canonical(data_key)
     wanted = set(_canonical(list(image_ids)))
     same = ("roots", "datasets")
@@ -114,7 +116,10 @@ def find_covering_cache(
             cache_dir = meta_file.parent
             if missing_shards(cache_dir):
                 continue
-            if wanted <= {i for shard in read_index(cache_dir) for i in shard}:
+            cached = [i for shard in read_index(cache_dir) for i in shard]
+            if not wanted <= set(cached):
+                continue
+            if files is None or meta["data"].get("files") == files(cached):
                 return cache_dir
         except (DataError, ConfigError, OSError, ValueError, KeyError, TypeError):
             continue  # a damaged or foreign folder is not a candidate
