@@ -5,6 +5,7 @@ Both tokenizers carry the two tokens the RIS model needs: ``<image>`` (where the
 spliced into ``inputs_embeds``) and ``[SEG]`` (whose hidden state becomes SAM's prompt).
 """
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -244,6 +245,14 @@ def build_sequence(
             raise ValueError(f"sample {b}: the answer has no [SEG] token")
         seg_pos.append(int(seg[0]))
     length = max(s.shape[0] for s in seqs)
+    limit = getattr(getattr(llm, "config", None), "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        warnings.warn(
+            f"an LLM sequence of {length} tokens (visual tokens and prompt) is longer than the "
+            f"LLM's {limit} positions (llm.max_position_embeddings): the positions past them "
+            "are ones the LLM was never trained on",
+            stacklevel=2,
+        )
     emb = seqs[0].new_zeros((len(seqs), length, seqs[0].shape[-1]))
     attn = torch.zeros((len(seqs), length), dtype=torch.long, device=emb.device)
     lab_out = torch.full((len(seqs), length), -100, dtype=labels.dtype, device=labels.device)

@@ -536,3 +536,15 @@ def test_a_run_that_builds_its_superpixel_cache_equals_one_that_finds_it(
     )
     for key in ("val_ciou", "testA_ciou", "testB_giou", "val_point_acc"):
         assert built[key] == found[key], key
+
+
+def test_a_sequence_longer_than_the_llms_positions_warns(
+    synthref_root, tiny_sam_checkpoint, tmp_path
+):
+    model, collate, items = _model_and_batch(
+        synthref_root, tiny_sam_checkpoint, tmp_path, (), "mlp"
+    )
+    items[0]["sentence"] = " ".join(["circle"] * 600)
+    with pytest.warns(UserWarning, match="longer than the LLM's 512 positions"):
+        with torch.no_grad():
+            model.eval()(collate(items[:1]))

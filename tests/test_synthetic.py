@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from collections import defaultdict
 from pathlib import Path
@@ -314,3 +315,22 @@ def test_mismatch_names_what_differs_and_how_to_regenerate(tmp_path):
     assert "train 2 (config: 3)" in problem and "seed 0 (config: 4)" in problem
     assert "--overwrite" in problem and "--train-images 3" in problem and "--seed 4" in problem
     assert "val" not in problem.split("settings:")[1].split(".")[0]  # only what differs is named
+
+
+def test_a_killed_runs_staging_folder_is_removed(tmp_path):
+    """`svp synth` stages its files in a hidden folder; one left by a killed run (its process is
+    gone) is removed by the next run, one of a running process is left alone."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / ".synthref-killed"
+    stale.mkdir(parents=True)
+    (stale / "pid").write_text(str(dead.pid))
+    (stale / "big.bin").write_bytes(b"0" * 1000)
+    live = tmp_path / ".synthref-running"
+    live.mkdir()
+    (live / "pid").write_text(str(os.getpid()))
+    generate_synthref(SynthConfig(root=str(tmp_path), seed=0, **TINY), progress=False)
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.glob(".synthref-*")) == [".synthref-running"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import pickle
 import shutil
 import tempfile
@@ -214,6 +215,18 @@ def _write(cfg: SynthConfig, out: Path, progress: bool) -> None:
     paths["refs"].write_bytes(pickle.dumps(refs, protocol=PICKLE_PROTOCOL))
 
 
+def _remove_stale_staging(root: Path) -> None:
+    """Remove the staging folders of runs that were killed (their process is gone)."""
+    for folder in root.glob(f".{DATASET}-*"):
+        try:
+            os.kill(int((folder / "pid").read_text()), 0)
+            continue  # another `svp synth` is writing there now
+        except PermissionError:
+            continue
+        except (OSError, ValueError):  # no such process, or no readable pid file
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def generate_synthref(cfg: SynthConfig, progress: bool = True, overwrite: bool = False) -> Path:
     """Generate SynthRef under `cfg.root`; returns the annotation folder `<root>/synthref`.
 
@@ -228,7 +241,9 @@ def generate_synthref(cfg: SynthConfig, progress: bool = True, overwrite: bool =
             f"SynthRef already exists under {final['annotations']}; pass --overwrite to replace it"
         )
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DATASET}-", dir=root))
+    (tmp / "pid").write_text(str(os.getpid()))
     try:
         _write(cfg, tmp, progress)
         staged = synthref_paths(tmp)
