@@ -236,14 +236,28 @@ def _make_storage(cfg: SweepConfig) -> optuna.storages.RDBStorage:
     url = storage_url(cfg.name, cfg.storage, cfg.runs_root)
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise _storage_error(url, err) from None
         engine_kwargs["connect_args"] = {"timeout": 60}
     try:
         return _open_storage(url, engine_kwargs, cfg)
     except sqlalchemy.exc.SQLAlchemyError:
         # Workers starting together race to create the tables; the loser finds them made.
         time.sleep(1.0)
-        return _open_storage(url, engine_kwargs, cfg)
+        try:
+            return _open_storage(url, engine_kwargs, cfg)
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            raise _storage_error(url, err) from None
+
+
+def _storage_error(url: str, err: BaseException) -> ConfigError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(
+        f"sweep.storage: cannot open '{url}' ({reason}). Give an RDB URL such as "
+        "sqlite:///runs/study.db or postgresql://user@host/db, and check that its server runs."
+    )
 
 
 def _open_storage(url: str, engine_kwargs: dict, cfg: SweepConfig) -> optuna.storages.RDBStorage:
@@ -257,11 +271,13 @@ def _open_storage(url: str, engine_kwargs: dict, cfg: SweepConfig) -> optuna.sto
                 grace_period=cfg.grace_period,
                 heartbeat_stale_trial_callback=RetryTrialCallback(cfg.max_retry),
             )
-    except (ValueError, ImportError, optuna.exceptions.StorageInternalError) as err:
-        raise ConfigError(
-            f"sweep.storage: cannot open '{url}' ({err}). Give an RDB URL such as "
-            "sqlite:///runs/study.db or postgresql://user@host/db."
-        ) from err
+    except (
+        ValueError,
+        ImportError,
+        optuna.exceptions.StorageInternalError,
+        sqlalchemy.exc.ArgumentError,
+    ) as err:
+        raise _storage_error(url, err) from None
 
 
 def _existing_trials(storage: optuna.storages.RDBStorage, name: str) -> int:

@@ -77,3 +77,18 @@ def test_corrupt_checkpoints_are_named(finished_run, content, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"ckpt_path={bad}" in err and "Traceback" not in err and not fresh.exists()
     assert _tree(run_dir) == before
+
+
+@pytest.mark.parametrize(
+    "storage",
+    ["foo://nowhere/x", "sqlite:///{file}/under-a-file/study.db", "postgresql://u@127.0.0.1:9/db"],
+    ids=["unknown scheme", "folder under a file", "no server"],
+)
+def test_bad_sweep_storage_is_named(storage, tmp_path, capsys):
+    file = tmp_path / "a-file"
+    file.write_text("")
+    storage = storage.format(file=file)
+    argv = ["sweep", f"runs_root={tmp_path}", "sweep.name=s", f"sweep.storage={storage}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sweep.storage: cannot open") and "Traceback" not in err
