@@ -76,11 +76,15 @@ class FrozenEncoder(nn.Module):
             return feat
         if self.disk_dir is not None:
             path = self.disk_dir / f"{name}.npy"
-            if path.is_file():
+            try:
                 feat = torch.from_numpy(np.load(path).astype(np.float32))
-                if self.memory:
-                    MEMORY.put((self.key, name), feat)
-                return feat
+            except FileNotFoundError:
+                return None
+            except (OSError, EOFError, ValueError):  # damaged (truncated, emptied): recompute
+                return None
+            if self.memory:
+                MEMORY.put((self.key, name), feat)
+            return feat
         return None
 
     def _store(self, name: str, feat: torch.Tensor) -> torch.Tensor:

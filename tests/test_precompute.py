@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from datamodules.superpixels import SOURCES, build_source
 from datamodules.superpixels import precompute as precompute_module
 from datamodules.superpixels.precompute import (
@@ -257,3 +257,21 @@ def test_replaced_data_gets_its_own_cache(tmp_path):
     # a subset of the images no longer finds the complete cache of the old files either
     val = [ReferDataset(root, "synthref", "unc", "val")]
     assert superpixel_cache_dir(val, GRID, tmp_path / "cache") in (third,)
+
+
+def test_a_damaged_shard_is_named_and_recomputed(tmp_path, capsys):
+    """A truncated or emptied shard: reading it is an error naming the shard and the fix, and
+    `precompute` (checksums beside the shards) recomputes it to the same bytes."""
+    from datamodules.superpixels.store import shard_path
+
+    ds = FakeImages(tmp_path, range(7))
+    cache_dir, _ = run([ds], tmp_path / "cache")
+    clean = shard_bytes(cache_dir)
+    for damage in (lambda b: b[: len(b) // 2], lambda b: b""):
+        path = shard_path(cache_dir, 1)
+        path.write_bytes(damage(path.read_bytes()))
+        with pytest.raises(DataError, match=r"shard-00001.npz is damaged.*svp precompute"):
+            SuperpixelStore(cache_dir).get(ds.image_ids[4])
+        run([ds], tmp_path / "cache")
+        assert shard_bytes(cache_dir) == clean
+        assert SuperpixelStore(cache_dir).get(ds.image_ids[4]).ndim == 2

@@ -548,3 +548,24 @@ def test_a_sequence_longer_than_the_llms_positions_warns(
     with pytest.warns(UserWarning, match="longer than the LLM's 512 positions"):
         with torch.no_grad():
             model.eval()(collate(items[:1]))
+
+
+def test_a_damaged_feature_file_is_recomputed(synthref_root, tiny_sam_checkpoint, tmp_path):
+    from lightning_modules import feature_cache
+
+    model, collate, items = _model_and_batch(
+        synthref_root, tiny_sam_checkpoint, tmp_path, (), "mlp", k_values=(2, 3)
+    )
+    batch = collate(items)
+    feature_cache.MEMORY.clear()
+    with torch.no_grad():
+        first = model.eval()(batch)
+    files = sorted((tmp_path / "cache" / "features").rglob("*.npy"))
+    files[0].write_bytes(files[0].read_bytes()[:50])  # truncated
+    files[1].write_bytes(b"")  # emptied
+    feature_cache.MEMORY.clear()
+    with torch.no_grad():
+        second = model(batch)
+    for a, b in zip(first["mask_logits"], second["mask_logits"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert all(f.stat().st_size > 100 for f in files)  # rewritten whole

@@ -105,7 +105,8 @@ def test_failed_write_leaves_no_partial_shard(tmp_path):
     before = path.read_bytes()
     with pytest.raises(ValueError):
         write_shard(path, [1, 2], [label_map(1), unwritable])
-    assert [p.name for p in tmp_path.iterdir()] == [path.name] and path.read_bytes() == before
+    names = sorted(p.name for p in tmp_path.iterdir())  # the shard and its checksum, unchanged
+    assert names == [path.name, path.name + ".sha256"] and path.read_bytes() == before
 
 
 def test_missing_or_incomplete_cache_says_to_precompute(tmp_path):

@@ -161,7 +161,7 @@ def precompute_superpixels(
         return folder, _summary(total, 0, 0.0)
     cache_dir = open_or_create_cache(cache_root, identity, data_key, list(owners), shard_size)
     shards = read_index(cache_dir)
-    pending = [(k, shards[k]) for k in missing_shards(cache_dir)]
+    pending = [(k, shards[k]) for k in missing_shards(cache_dir, verify=True)]
     total = sum(len(ids) for ids in shards)
     if not pending:
         _say(progress, f"superpixel cache {cache_dir} is complete ({total} images, source {name})")

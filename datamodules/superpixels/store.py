@@ -67,17 +67,31 @@ def write_shard(
     members = {"image_ids": np.asarray(image_ids)}
     members.update({str(i): np.asarray(labels) for i, labels in enumerate(label_maps)})
 
-    def write(file) -> None:
-        with zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED) as archive:
-            for name, array in members.items():
-                buffer = io.BytesIO()
-                np.lib.format.write_array(buffer, array, allow_pickle=False)
-                info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                archive.writestr(info, buffer.getvalue())
+    data = io.BytesIO()
+    with zipfile.ZipFile(data, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, array in members.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, array, allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, buffer.getvalue())
+    atomic_write(path, data.getvalue())
+    # the shard's checksum, written after it: a shard without one, or another, is damaged
+    atomic_write(_checksum_path(path), hashlib.sha256(data.getvalue()).hexdigest())
 
-    atomic_write(path, write)
+
+def _checksum_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".sha256")
+
+
+def shard_intact(shard: Path) -> bool:
+    """The shard exists and its bytes match the checksum written beside it."""
+    try:
+        expected = _checksum_path(shard).read_text().strip()
+        return hashlib.sha256(shard.read_bytes()).hexdigest() == expected
+    except OSError:
+        return False
 
 
 def read_index(cache_dir: str | os.PathLike) -> list[list]:
@@ -85,10 +99,12 @@ def read_index(cache_dir: str | os.PathLike) -> list[list]:
     return _read_json(Path(cache_dir) / INDEX_FILE)["shards"]
 
 
-def missing_shards(cache_dir: str | os.PathLike) -> list[int]:
-    """Indices of the shards in `index.json` whose file does not exist yet."""
+def missing_shards(cache_dir: str | os.PathLike, verify: bool = False) -> list[int]:
+    """Indices of the shards in `index.json` whose file does not exist yet or, with `verify`,
+    does not match its checksum (truncated, emptied, written by a crashed process)."""
     shards = read_index(cache_dir)
-    return [k for k in range(len(shards)) if not shard_path(cache_dir, k).is_file()]
+    intact = shard_intact if verify else Path.is_file
+    return [k for k in range(len(shards)) if not intact(shard_path(cache_dir, k))]
 
 
 def find_covering_cache(
@@ -236,7 +252,14 @@ class SuperpixelStore:
                 f"superpixel cache shard {shard_path(self.cache_dir, shard)} does not match "
                 f"{INDEX_FILE}; {_FIX}"
             )
-        return archive[str(pos)]
+        try:
+            return archive[str(pos)]
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            raise DataError(
+                f"superpixel cache shard {shard_path(self.cache_dir, shard)} is damaged "
+                f"({type(err).__name__}: {err}); `svp precompute` with the run's settings "
+                "recomputes it."
+            ) from None
 
     def close(self) -> None:
         for archive, _ in self._open.values():
@@ -249,8 +272,15 @@ class SuperpixelStore:
         if shard in self._open:
             self._open.move_to_end(shard)
             return self._open[shard]
-        archive = np.load(shard_path(self.cache_dir, shard), allow_pickle=False)
-        self._open[shard] = archive, archive["image_ids"]
+        path = shard_path(self.cache_dir, shard)
+        try:
+            archive = np.load(path, allow_pickle=False)
+            self._open[shard] = archive, archive["image_ids"]
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            raise DataError(
+                f"superpixel cache shard {path} is damaged ({type(err).__name__}: {err}); "
+                "`svp precompute` with the run's settings recomputes it."
+            ) from None
         while len(self._open) > self.max_open_shards:
             self._open.popitem(last=False)[1][0].close()
         return self._open[shard]
