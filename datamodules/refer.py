@@ -237,6 +237,12 @@ class ReferDataset:
                 f"ref {ref_id}: ann_id {ref['ann_id']} belongs to image {ann['image_id']}, "
                 f"not to the ref's image_id {ref['image_id']}: {fix}"
             )
+        for sentence in ref["sentences"]:
+            if not isinstance(sentence.get("sent"), str) or not sentence["sent"].strip():
+                raise DataError(
+                    f"ref {ref_id}, sent_id {sentence.get('sent_id')}: the sentence is "
+                    f"{sentence.get('sent')!r}, not text, in {refs_file}; fix or re-download it."
+                )
 
     def _image_info(self, image_id: int) -> dict:
         info = self._instances.images.get(image_id)

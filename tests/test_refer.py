@@ -258,6 +258,17 @@ def test_ref_with_malformed_sentences(fixture):
         ReferDataset(fixture["root"], "refcoco", "unc", "train")
 
 
+@pytest.mark.parametrize("sent", [None, "", 7])
+def test_a_sentence_that_is_not_text_is_named(fixture, sent):
+    def blank(refs):
+        refs[2]["sentences"][0]["sent"] = sent
+        return refs
+
+    edit_refs(fixture["root"], blank)
+    with raises(f"the sentence is {sent!r}, not text"):
+        ReferDataset(fixture["root"], "refcoco", "unc", "train")
+
+
 def test_instances_missing(fixture):
     (fixture["root"] / "refcoco" / "instances.json").unlink()
     with raises("refcoco/instances.json does not exist"):
