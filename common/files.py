@@ -11,6 +11,16 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# the mode `open()` would give a new file: mkstemp's own 0600 would hide caches from other users
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write(
     path: str | os.PathLike, content: bytes | str | Callable[[IO[bytes]], Any]
 ) -> Path:
@@ -23,6 +33,7 @@ def atomic_write(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as file:
             if callable(content):
                 content(file)

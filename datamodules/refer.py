@@ -238,7 +238,7 @@ class ReferDataset:
                 f"not to the ref's image_id {ref['image_id']}: {fix}"
             )
         for sentence in ref["sentences"]:
-            if not isinstance(sentence.get("sent"), str) or not sentence["sent"].strip():
+            if not isinstance(sentence.get("sent"), str):
                 raise DataError(
                     f"ref {ref_id}, sent_id {sentence.get('sent_id')}: the sentence is "
                     f"{sentence.get('sent')!r}, not text, in {refs_file}; fix or re-download it."

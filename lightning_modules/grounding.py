@@ -58,7 +58,11 @@ def check_config(g: GroundingConfig) -> None:
             "grounding.rerank is a number of candidate masks and must be ≥ 0 (0 = point at the "
             f"top-scored token); got {g.rerank}."
         )
-    if g.rerank_context < 0 or g.context_heads < 1 or g.dim % g.context_heads:
+    if g.dim < 1:
+        raise ConfigError(f"grounding.dim is a width and must be ≥ 1; got {g.dim}.")
+    if g.rerank_context < 0 or (
+        g.rerank_context > 0 and (g.context_heads < 1 or g.dim % g.context_heads)
+    ):
         raise ConfigError(
             "grounding.rerank_context is a number of encoder layers (0 = off), ≥ 0, and "
             "grounding.context_heads must divide grounding.dim; got "

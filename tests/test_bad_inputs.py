@@ -41,6 +41,8 @@ CASES = {
     "missing split": (["data.eval_splits=[val,testC]"], "data.eval_splits: synthref"),
     "missing train split": (["data.train_split=trainval"], "data.train_split"),
     "missing ckpt_path": (["ckpt_path=/nonexistent/x.ckpt"], "ckpt_path=/nonexistent/x.ckpt"),
+    "answer without [SEG]": (["data.answer=Sure."], "data.answer='Sure.' has no [SEG]"),
+    "prompt without <image>": (["data.prompt='What is {sentence}?'"], "has no <image>"),
 }
 
 
@@ -92,3 +94,19 @@ def test_bad_sweep_storage_is_named(storage, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: sweep.storage: cannot open") and "Traceback" not in err
+
+
+def test_a_checkpoint_of_another_model_is_named(finished_run, tmp_path, capsys):
+    """Weights saved with another config (here: another projector) do not load silently, nor
+    with a traceback: the error names the key and the mismatch."""
+    overrides, run_dir = finished_run
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    other = tmp_path / "other"
+    argv = ["train", *overrides, "projector=resampler", f"run_dir={other}", f"ckpt_path={ckpt}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"ckpt_path={ckpt} holds other weights" in err and "Traceback" not in err
+    assert not other.exists()
+    config = str(run_dir / "config.yaml")
+    assert main(["eval", "--config", config, "projector=resampler", "--ckpt", str(ckpt)]) == 2
+    assert f"--ckpt={ckpt} holds other weights" in capsys.readouterr().err

@@ -320,17 +320,18 @@ def test_mismatch_names_what_differs_and_how_to_regenerate(tmp_path):
 def test_a_killed_runs_staging_folder_is_removed(tmp_path):
     """`svp synth` stages its files in a hidden folder; one left by a killed run (its process is
     gone) is removed by the next run, one of a running process is left alone."""
+    import socket
     import subprocess
 
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = tmp_path / ".synthref-killed"
+    host = socket.gethostname()
+    stale = tmp_path / f".synthref-{host}-{dead.pid}-abc123"
     stale.mkdir(parents=True)
-    (stale / "pid").write_text(str(dead.pid))
     (stale / "big.bin").write_bytes(b"0" * 1000)
-    live = tmp_path / ".synthref-running"
+    live = tmp_path / f".synthref-{host}-{os.getpid()}-def456"
+    elsewhere = tmp_path / f".synthref-another-host-{dead.pid}-ghi789"
     live.mkdir()
-    (live / "pid").write_text(str(os.getpid()))
+    elsewhere.mkdir()
     generate_synthref(SynthConfig(root=str(tmp_path), seed=0, **TINY), progress=False)
-    assert not stale.exists() and live.exists()
-    assert sorted(p.name for p in tmp_path.glob(".synthref-*")) == [".synthref-running"]
+    assert not stale.exists() and live.exists() and elsewhere.exists()

@@ -131,10 +131,14 @@ def precompute_superpixels(
     strategy: str = "auto",
     num_nodes: int = 1,
     progress: bool = True,
+    verify: bool = True,
 ) -> tuple[Path, dict[str, float]]:
     """Compute the label maps of every image of `datasets` (the union of their ids) into the cache.
 
     Finished shards are skipped, so an interrupted run resumes; with nothing left no Trainer starts.
+    With `verify`, a shard that does not match its checksum counts as not finished (and a
+    covering cache with one is not used): `svp precompute` repairs damaged caches; a training
+    start, which reads every shard it needs anyway, skips the hashing.
     `superpixels.device` is ignored here: each rank runs the source on its own device.
 
     Returns:
@@ -154,14 +158,18 @@ def precompute_superpixels(
     folder = _cache_folder(
         cache_root, identity, data_key, list(owners), partial(files_key, datasets)
     )
-    if folder != cache_dir_for(cache_root, identity, data_key):  # e.g. `svp eval
-        # data.eval_splits=[val]` after training on every split: the full cache holds these
+    own = cache_dir_for(cache_root, identity, data_key)
+    if folder != own and verify and missing_shards(folder, verify=True):
+        _say(progress, f"superpixel cache {folder} has damaged shards; computing {own}")
+        folder = own
+    if folder != own:  # e.g. `svp eval data.eval_splits=[val]` after training on every split:
+        # the full cache holds these
         total = len(owners)
         _say(progress, f"superpixel cache {folder} holds all {total} images (source {name})")
         return folder, _summary(total, 0, 0.0)
     cache_dir = open_or_create_cache(cache_root, identity, data_key, list(owners), shard_size)
     shards = read_index(cache_dir)
-    pending = [(k, shards[k]) for k in missing_shards(cache_dir, verify=True)]
+    pending = [(k, shards[k]) for k in missing_shards(cache_dir, verify=verify)]
     total = sum(len(ids) for ids in shards)
     if not pending:
         _say(progress, f"superpixel cache {cache_dir} is complete ({total} images, source {name})")
@@ -202,9 +210,10 @@ def ensure_superpixel_cache(
     shard_size: int = DEFAULT_SHARD_SIZE,
     **trainer_kwargs: Any,
 ) -> SuperpixelStore:
-    """Open the cache for these datasets and source, precomputing what is missing first."""
+    """Open the cache for these datasets and source, precomputing what is missing first (shards
+    are checked for presence; `svp precompute` checks their checksums)."""
     cache_dir, _ = precompute_superpixels(
-        datasets, source_cfg, cache_root, shard_size=shard_size, **trainer_kwargs
+        datasets, source_cfg, cache_root, shard_size=shard_size, verify=False, **trainer_kwargs
     )
     return SuperpixelStore(cache_dir)
 

@@ -14,6 +14,7 @@ import json
 import os
 import time
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -79,6 +80,10 @@ def write_shard(
     atomic_write(path, data.getvalue())
     # the shard's checksum, written after it: a shard without one, or another, is damaged
     atomic_write(_checksum_path(path), hashlib.sha256(data.getvalue()).hexdigest())
+
+
+# what reading a truncated, emptied or bit-flipped shard raises
+_DAMAGE = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
 def _checksum_path(shard: Path) -> Path:
@@ -254,7 +259,7 @@ class SuperpixelStore:
             )
         try:
             return archive[str(pos)]
-        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        except _DAMAGE as err:
             raise DataError(
                 f"superpixel cache shard {shard_path(self.cache_dir, shard)} is damaged "
                 f"({type(err).__name__}: {err}); `svp precompute` with the run's settings "
@@ -273,10 +278,13 @@ class SuperpixelStore:
             self._open.move_to_end(shard)
             return self._open[shard]
         path = shard_path(self.cache_dir, shard)
+        archive = None
         try:
             archive = np.load(path, allow_pickle=False)
             self._open[shard] = archive, archive["image_ids"]
-        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        except _DAMAGE as err:
+            if archive is not None:
+                archive.close()
             raise DataError(
                 f"superpixel cache shard {path} is damaged ({type(err).__name__}: {err}); "
                 "`svp precompute` with the run's settings recomputes it."

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,16 +216,25 @@ def _write(cfg: SynthConfig, out: Path, progress: bool) -> None:
     paths["refs"].write_bytes(pickle.dumps(refs, protocol=PICKLE_PROTOCOL))
 
 
+def _staging_prefix() -> str:
+    """`.synthref-<host>-<pid>-`: whose staging folder it is, in its name from the start."""
+    return f".{DATASET}-{socket.gethostname()}-{os.getpid()}-"
+
+
 def _remove_stale_staging(root: Path) -> None:
-    """Remove the staging folders of runs that were killed (their process is gone)."""
-    for folder in root.glob(f".{DATASET}-*"):
-        try:
-            os.kill(int((folder / "pid").read_text()), 0)
-            continue  # another `svp synth` is writing there now
-        except PermissionError:
+    """Remove the staging folders that runs on this machine left when they were killed (their
+    process is gone); those of running processes and of other machines stay."""
+    host = socket.gethostname()
+    for folder in root.glob(f".{DATASET}-{host}-*-*"):
+        pid = folder.name[len(f".{DATASET}-{host}-") :].split("-", 1)[0]
+        if not pid.isdigit():
             continue
-        except (OSError, ValueError):  # no such process, or no readable pid file
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
             shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue  # someone else's process: alive
 
 
 def generate_synthref(cfg: SynthConfig, progress: bool = True, overwrite: bool = False) -> Path:
@@ -242,8 +252,7 @@ def generate_synthref(cfg: SynthConfig, progress: bool = True, overwrite: bool =
         )
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DATASET}-", dir=root))
-    (tmp / "pid").write_text(str(os.getpid()))
+    tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(), dir=root))
     try:
         _write(cfg, tmp, progress)
         staged = synthref_paths(tmp)

@@ -196,7 +196,3 @@ def rebase_config(
     merge_into(cfg, saved, where)
     merge_into(cfg, OmegaConf.from_dotlist(values), "command line")
     return cfg
-
-
-def resolved_dict(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)

@@ -52,6 +52,12 @@ def check_values(cfg: DictConfig) -> None:
         value = cfg.data[key]
         if value is not None and value < 1:
             raise ConfigError(f"data.{key}={value} must be at least 1, or null for all.")
+    for key, needed in (("prompt", "{sentence}"), ("prompt", "<image>"), ("answer", "[SEG]")):
+        if needed not in cfg.data[key]:
+            raise ConfigError(
+                f"data.{key}={cfg.data[key]!r} has no {needed}: the prompt carries the sentence "
+                "and one <image> slot for the visual tokens, the answer the [SEG] token."
+            )
     steps = cfg.trainer.max_steps
     if steps == 0 or steps < -1:
         raise ConfigError(
@@ -103,6 +109,24 @@ def check_checkpoint(path: str, key: str) -> None:
         raise ConfigError(f"{key}={path} is not a readable checkpoint ({err}).") from None
     if not isinstance(state, dict) or "state_dict" not in state:
         raise ConfigError(f"{key}={path} is not a Lightning checkpoint (no state_dict in it).")
+
+
+def checkpoint_state(model, path: str, key: str) -> dict:
+    """The checkpoint's state dict, ConfigError unless its weights are this model's (the same
+    names; a checkpoint of another config or another version of the suite is not)."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    wanted = set(model.state_dict())
+    missing, unexpected = sorted(wanted - set(state)), sorted(set(state) - wanted)
+    if missing or unexpected:
+        shown = ", ".join([*(f"-{k}" for k in missing[:3]), *(f"+{k}" for k in unexpected[:3])])
+        raise ConfigError(
+            f"{key}={path} holds other weights than this config's model ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected: {shown}); it was saved with another config or "
+            "another version of the suite. Evaluate it with its own run's config.yaml."
+        )
+    return state
 
 
 def processes(cfg: DictConfig) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 from pathlib import Path
@@ -37,7 +38,7 @@ def refer_table(cfg: DictConfig, ckpt: str | None = None) -> list[dict[str, Any]
         present = [s for s in splits if s in available_splits(root, dataset, split_by)]
         if not present:
             continue
-        sub = cfg.copy()
+        sub = copy.deepcopy(cfg)
         with open_dict(sub):
             sub.data.dataset, sub.data.split_by = dataset, split_by
             sub.data.eval_splits = present

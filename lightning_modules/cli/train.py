@@ -7,14 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ConfigError
 from common.files import write_json
 from common.threads import use_threads
 from lightning_modules.cli.compose import save_config
-from lightning_modules.cli.inputs import check_checkpoint, check_run_inputs, run_dir_for
+from lightning_modules.cli.inputs import (
+    check_checkpoint,
+    check_run_inputs,
+    checkpoint_state,
+    run_dir_for,
+)
 from lightning_modules.metrics import SPLIT_METRICS
 
 HPARAM_KEYS = (
@@ -127,6 +131,14 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
     tokenizer = tokenizer_for(cfg, saved if (saved / "tokenizer.json").is_file() else None)
     dm = RISDataModule(cfg, tokenizer)
     model = RISModel(cfg, tokenizer)  # the components' own config errors surface here
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        ckpt_path = str(last) if last.is_file() else None
+        if ckpt_path is None:
+            print(f"no {last} to resume from; starting fresh")
+    if ckpt_path is not None:
+        checkpoint_state(model, ckpt_path, "ckpt_path")
     # the run folder is written only once everything it describes is known to build
     save_config(cfg, run_dir / "config.yaml")
     tokenizer.save_pretrained(saved)
@@ -135,12 +147,6 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
         save_dir=str(run_dir), name="tb", version=version, default_hp_metric=False
     )
     trainer = _trainer(cfg, run_dir, callbacks or [], logger, progress)
-    ckpt_path = cfg.ckpt_path
-    if ckpt_path == "last":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        ckpt_path = str(last) if last.is_file() else None
-        if ckpt_path is None:
-            print(f"no {last} to resume from; starting fresh")
     start = time.time()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     train_minutes = (time.time() - start) / 60
@@ -197,8 +203,7 @@ def evaluate(cfg: DictConfig, ckpt: str | None = None, tag: str = "") -> dict[st
     pl.seed_everything(cfg.seed, verbose=False)
     tokenizer = tokenizer_for(cfg, run_dir / "tokenizer")
     model = RISModel(cfg, tokenizer)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict(state)
+    model.load_state_dict(checkpoint_state(model, ckpt, "--ckpt"))
     dm = RISDataModule(cfg, tokenizer)
     trainer = _trainer(cfg, run_dir, [], None)
     results = trainer.test(model, datamodule=dm, verbose=False)
