@@ -32,7 +32,7 @@ TINY_SAM = SamConfig(
 )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def synthref_root(tmp_path_factory) -> Path:
     from datamodules.synthetic import SynthConfig, generate_synthref
 
@@ -41,7 +41,7 @@ def synthref_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_sam_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised small SAM in SAM's own checkpoint format (+ its sidecar config)."""
     from common.sam import build_sam, save_sam
