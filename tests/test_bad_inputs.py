@@ -41,6 +41,9 @@ CASES = {
     "missing split": (["data.eval_splits=[val,testC]"], "data.eval_splits: synthref"),
     "missing train split": (["data.train_split=trainval"], "data.train_split"),
     "missing ckpt_path": (["ckpt_path=/nonexistent/x.ckpt"], "ckpt_path=/nonexistent/x.ckpt"),
+    "missing data root": (["data.root=/nonexistent"], "/nonexistent/synthref is missing"),
+    "bad rerank": (["grounding.rerank=-1"], "grounding.rerank"),
+    "bad projector value": (["projector.k=0"], "projector.k"),
     "answer without [SEG]": (["data.answer=Sure."], "data.answer='Sure.' has no [SEG]"),
     "prompt without <image>": (["data.prompt='What is {sentence}?'"], "has no <image>"),
 }
@@ -110,3 +113,29 @@ def test_a_checkpoint_of_another_model_is_named(finished_run, tmp_path, capsys):
     config = str(run_dir / "config.yaml")
     assert main(["eval", "--config", config, "projector=resampler", "--ckpt", str(ckpt)]) == 2
     assert f"--ckpt={ckpt} holds other weights" in capsys.readouterr().err
+
+
+MORE = {
+    "unknown key": (["train", "trainer.max_epoch=2"], "trainer.max_epoch"),
+    "wrong type": (["train", "trainer.max_epochs=many"], "trainer.max_epochs"),
+    "unknown projector": (["train", "projector=nope"], "unknown projector 'nope'"),
+    "unknown preset": (["train", "preset=huge"], "unknown preset 'huge'"),
+    "malformed override": (["train", "trainer.max_epochs"], "key=value"),
+    "missing saved config": (["eval", "--config", "/nonexistent/config.yaml"], "config.yaml"),
+    "zero trials": (["sweep", "sweep.n_trials=0"], "sweep.n_trials=0"),
+    "unknown sweep space": (["sweep", "sweep.space=nope"], "nope"),
+    "missing SAM": (
+        ["train", "mask_decoder.checkpoint=/nonexistent.pth"],
+        "mask_decoder.checkpoint",
+    ),
+    "bad threads": (["train", "trainer.threads=0"], "trainer.threads"),
+}
+
+
+@pytest.mark.parametrize("argv, named", MORE.values(), ids=MORE.keys())
+def test_config_and_path_errors_are_one_line(argv, named, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may appear here
+    assert main([*argv, f"runs_root={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and named in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
