@@ -78,6 +78,8 @@ def test_llava7b_preset_composes():
     assert cfg.mask_decoder.model_type == "vit_h"
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.precision == "bf16-mixed"
     assert cfg.data.dataset == "refcoco"
+    # LISA's effective batch: 4 sentences × 5 accumulated batches × 8 GPUs
+    assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * 8 == 160
 
 
 def test_saved_config_round_trip(tmp_path):

@@ -569,3 +569,15 @@ def test_a_damaged_feature_file_is_recomputed(synthref_root, tiny_sam_checkpoint
     for a, b in zip(first["mask_logits"], second["mask_logits"]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert all(f.stat().st_size > 100 for f in files)  # rewritten whole
+
+
+def test_gradient_accumulation_steps_every_n_batches(synthref_root, tiny_sam_checkpoint, tmp_path):
+    from lightning_modules.cli.train import train
+
+    extra = ["superpixels=grid", "superpixels.k=4", "trainer.limit_train_batches=4"]
+    extra += ["trainer.accumulate_grad_batches=2", "trainer.limit_val_batches=1"]
+    extra += ["data.limit_test_sentences=4"]
+    metrics = train(_cfg(synthref_root, tiny_sam_checkpoint, tmp_path, "mlp", extra))
+    last = Path(metrics["run_dir"]) / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2  # 4 batches, an optimizer step every 2

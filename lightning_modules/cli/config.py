@@ -74,6 +74,8 @@ class TrainerConfig:
     precision: str = "32-true"
     max_epochs: int = 8
     max_steps: int = -1
+    # optimizer steps every N batches (the effective batch: data.batch_size × N × processes)
+    accumulate_grad_batches: int = 1
     max_minutes: float | None = None
     val_every_n_epochs: int = 1
     limit_train_batches: Any = None

@@ -58,6 +58,10 @@ def check_values(cfg: DictConfig) -> None:
                 f"data.{key}={cfg.data[key]!r} has no {needed}: the prompt carries the sentence "
                 "and one <image> slot for the visual tokens, the answer the [SEG] token."
             )
+    if cfg.trainer.accumulate_grad_batches < 1:
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches={cfg.trainer.accumulate_grad_batches} must be ≥ 1."
+        )
     steps = cfg.trainer.max_steps
     if steps == 0 or steps < -1:
         raise ConfigError(

@@ -86,6 +86,7 @@ def _trainer(
         "enable_progress_bar": bool(t.enable_progress_bar and progress),
         "deterministic": t.deterministic,
         "gradient_clip_val": cfg.optim.grad_clip or None,
+        "accumulate_grad_batches": t.accumulate_grad_batches,
         "callbacks": cbs,
         "logger": logger if logger is not None else False,
         "default_root_dir": str(run_dir),
