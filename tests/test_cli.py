@@ -194,3 +194,24 @@ def test_sweep_where_every_trial_fails_exits_2_with_the_count(synthref_root, tmp
     err = capsys.readouterr().err
     assert "error: study 'broken': none of its 2 trials completed (2 failed)" in err
     assert (tmp_path / "broken" / "report.md").is_file()  # the report is written all the same
+
+
+def test_bench_runs_every_projector_with_the_commands_overrides(
+    synthref_root, tiny_sam_checkpoint, tmp_path, capsys
+):
+    """`svp bench`: the trivial baselines, then one row per projector, each model built from the
+    command's own settings (here the tiny widths of the test overrides)."""
+    from conftest import tiny_run_overrides
+
+    from lightning_modules.projectors import PROJECTORS
+
+    overrides = tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path, "mlp")
+    assert main(["bench", *overrides, "superpixels=grid", "superpixels.k=4"]) == 0
+    out = capsys.readouterr().out
+    assert "largest_object" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "budget" not in line]
+    names = {line.split("|")[1].strip() for line in rows}
+    assert set(PROJECTORS) <= names
+    # mlp: one token per patch of the tiny SAM's 8×8 grid, an LLM sequence of the tiny prompt
+    mlp = next(line for line in rows if line.split("|")[1].strip() == "mlp")
+    assert mlp.split("|")[3].strip() == "64.0"

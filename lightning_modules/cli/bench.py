@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.metrics import ciou, giou
 
@@ -69,16 +69,11 @@ def format_baselines(rows: list[dict]) -> str:
 
 
 def _projector_row(cfg: DictConfig, name: str, batch, tokenizer, repeats: int) -> dict:
-    from lightning_modules.cli.config import load_config
+    from lightning_modules.cli.config import rebase_config
     from lightning_modules.ris_model import RISModel
 
-    groups = [f"{k}={v}" for k, v in cfg.groups.items() if k != "projector"]
-    keep = [
-        f"data.root={cfg.data.root}",
-        f"train_sam.out={cfg.train_sam.out}",
-        f"runs_root={cfg.runs_root}",
-    ]
-    pcfg = load_config([*groups, *keep, f"projector={name}"])
+    # the command's own settings (dotted overrides included), with this projector's defaults
+    pcfg = rebase_config(OmegaConf.to_container(cfg, resolve=True), [f"projector={name}"])
     model = RISModel(pcfg, tokenizer)
     model.eval()
     with torch.no_grad():
