@@ -335,3 +335,43 @@ def test_a_killed_runs_staging_folder_is_removed(tmp_path):
     elsewhere.mkdir()
     generate_synthref(SynthConfig(root=str(tmp_path), seed=0, **TINY), progress=False)
     assert not stale.exists() and live.exists() and elsewhere.exists()
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_svp_synth_killed_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    """SIGKILL in the middle of `svp synth`, then the same command again: the data set is the
+    one an uninterrupted run writes, and no staging folder is left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+
+    def synth(root: Path) -> subprocess.Popen:
+        argv = [sys.executable, "-m", "lightning_modules.cli", "synth", "--root", str(root)]
+        argv += ["--train-images", "300", "--seed", "3", "--quiet"]
+        return subprocess.Popen(argv, env=env, cwd=repo)
+
+    killed = synth(tmp_path / "killed")
+    deadline = time.time() + 60
+    while not list((tmp_path / "killed").glob(".synthref-*/images/synthref/*.png")):
+        assert time.time() < deadline and killed.poll() is None, "synth ended before the kill"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "synthref").exists()  # nothing half-written in place
+    assert synth(tmp_path / "killed").wait() == 0
+    assert synth(tmp_path / "clean").wait() == 0
+    assert _tree_hashes(tmp_path / "killed") == _tree_hashes(tmp_path / "clean")
+    assert not list((tmp_path / "killed").glob(".synthref-*"))
