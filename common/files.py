@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,8 @@ def atomic_write(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    owner = f"{socket.gethostname()}-{os.getpid()}"  # for `remove_stale_temps`
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as file:
@@ -46,6 +48,25 @@ def atomic_write(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Remove the temp files that killed processes of this machine left in `folder` (a writer's
+    host and pid are in its temp file's name); returns how many."""
+    host = socket.gethostname()
+    removed = 0
+    for tmp in Path(folder).glob(f".*.{host}-*.tmp"):
+        pid = tmp.name.rsplit(f".{host}-", 1)[1].split(".", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        except OSError:
+            pass  # another user's live process
+    return removed
 
 
 def write_json(path: str | os.PathLike, data: Any, **dumps: Any) -> Path:

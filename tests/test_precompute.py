@@ -275,3 +275,37 @@ def test_a_damaged_shard_is_named_and_recomputed(tmp_path, capsys):
         run([ds], tmp_path / "cache")
         assert shard_bytes(cache_dir) == clean
         assert SuperpixelStore(cache_dir).get(ds.image_ids[4]).ndim == 2
+
+
+def test_svp_precompute_killed_then_rerun_equals_an_uninterrupted_run(synthref_root, tmp_path):
+    """SIGKILL once the first shards are written, then the same command: the cache is byte for
+    byte the one an uninterrupted run writes (shards and checksums)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+
+    def precompute(cache: Path) -> subprocess.Popen:
+        argv = [sys.executable, "-m", "lightning_modules.cli", "precompute", "superpixels=slic"]
+        argv += [f"data.root={synthref_root}", f"cache.root={cache}", "cache.shard_size=2"]
+        argv += ["trainer.threads=1", "trainer.enable_progress_bar=false"]
+        return subprocess.Popen(argv, env=env, cwd=repo, stdout=subprocess.DEVNULL)
+
+    killed = precompute(tmp_path / "killed")
+    deadline = time.time() + 120
+    while len(list((tmp_path / "killed").glob("slic-*/shard-*.npz"))) < 2:
+        assert time.time() < deadline and killed.poll() is None, "precompute ended before the kill"
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert precompute(tmp_path / "killed").wait() == 0
+    assert precompute(tmp_path / "clean").wait() == 0
+    (killed_dir,) = (tmp_path / "killed").glob("slic-*")
+    (clean_dir,) = (tmp_path / "clean").glob("slic-*")
+    assert killed_dir.name == clean_dir.name
+    files = {p.name: p.read_bytes() for p in sorted(killed_dir.glob("shard-*"))}
+    assert files == {p.name: p.read_bytes() for p in sorted(clean_dir.glob("shard-*"))}
+    assert not list(killed_dir.glob(".*.tmp"))

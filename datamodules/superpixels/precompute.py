@@ -21,7 +21,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from common.errors import DataError
-from common.files import file_key
+from common.files import file_key, remove_stale_temps
 
 from .base import SOURCES, build_source, source_config
 from .store import (
@@ -168,6 +168,7 @@ def precompute_superpixels(
         _say(progress, f"superpixel cache {folder} holds all {total} images (source {name})")
         return folder, _summary(total, 0, 0.0)
     cache_dir = open_or_create_cache(cache_root, identity, data_key, list(owners), shard_size)
+    remove_stale_temps(cache_dir)  # what a killed run was writing
     shards = read_index(cache_dir)
     pending = [(k, shards[k]) for k in missing_shards(cache_dir, verify=verify)]
     total = sum(len(ids) for ids in shards)
