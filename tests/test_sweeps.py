@@ -426,3 +426,33 @@ def test_zero_trials_is_a_config_error(tmp_path):
         run_sweep(_cfg(tmp_path, "compare_projectors", n_trials=0), fake_train, progress=False)
     with pytest.raises(ConfigError, match="sweep.n_trials=-1"):
         run_sweep(_cfg(tmp_path, "compare_projectors", n_trials=-1), fake_train, progress=False)
+
+
+@pytest.mark.parametrize("sampler", ["grid", "random"])
+def test_two_workers_share_one_postgresql_storage(tmp_path, sampler):
+    """The RDB that many machines share: a throw-away PostgreSQL server (pgserver, started here
+    on a local socket and stopped after) and two worker processes on it complete exactly the
+    study's trials, none twice."""
+    pgserver = pytest.importorskip("pgserver")
+    pytest.importorskip("psycopg")
+    server = pgserver.get_server(tmp_path / "pg", cleanup_mode="stop")
+    try:
+        url = server.get_uri()
+        text = SMALL_GRID
+        if sampler == "random":
+            text = "sampler: random\nn_trials: 6\nparams:\n  x: {float: [0.0, 1.0]}\n"
+        space = _space_file(tmp_path, text)
+        ctx = mp.get_context("spawn")
+        cfgs = [_cfg(tmp_path, space, worker=i, storage=url, name=sampler) for i in range(2)]
+        workers = [ctx.Process(target=_worker, args=(cfg,)) for cfg in cfgs]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(180)
+        assert [w.exitcode for w in workers] == [0, 0]
+        study = load_study(sampler, storage=url)
+        done = study.get_trials(states=(TrialState.COMPLETE,))
+        assert len(done) == 6 and len(set(_configs(study))) == 6
+        assert len({t.number for t in study.trials}) == len(study.trials)
+    finally:
+        server.cleanup()
