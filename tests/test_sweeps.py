@@ -456,3 +456,25 @@ def test_two_workers_share_one_postgresql_storage(tmp_path, sampler):
         assert len({t.number for t in study.trials}) == len(study.trials)
     finally:
         server.cleanup()
+
+
+def test_svp_report_writes_nothing_under_home(tmp_path):
+    """`svp report` in a fresh process: matplotlib's font cache goes to the temp folder, not
+    under $HOME."""
+    import os
+    import subprocess
+    import sys
+
+    run_sweep(_cfg(tmp_path, "compare_projectors", n_trials=2), fake_train, progress=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CACHE_HOME")}
+    env.update(HOME=str(home), PYTHONPATH=str(repo))
+    argv = [sys.executable, "-m", "lightning_modules.cli", "report", "study=s"]
+    proc = subprocess.run(
+        [*argv, f"runs_root={tmp_path / 'runs'}"], env=env, cwd=repo, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "runs" / "s" / "pareto.png").is_file()
+    assert list(home.rglob("*")) == []

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable
 from typing import Any
@@ -394,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # matplotlib (imported by several libraries) keeps a font cache in MPLCONFIGDIR, else under
+    # $HOME; `svp` writes nothing under $HOME
+    os.environ.setdefault(
+        "MPLCONFIGDIR", os.path.join(tempfile.gettempdir(), f"svp-matplotlib-{os.getuid()}")
+    )
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
