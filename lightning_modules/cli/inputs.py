@@ -86,8 +86,8 @@ def require_splits(cfg: DictConfig, extra: list[str]) -> None:
 
 
 def check_run_folder(cfg: DictConfig) -> None:
-    """A finished run (its metrics.json written) is never trained over, except to resume it;
-    a checkpoint to resume from must be readable."""
+    """A finished run (its metrics.json written) is never trained over, except to resume it; a
+    checkpoint to resume from must exist (`checkpoint_state` reads it once the model is built)."""
     run_dir = run_dir_for(cfg)
     if cfg.ckpt_path is None and (run_dir / "metrics.json").is_file():
         raise ConfigError(
@@ -95,32 +95,31 @@ def check_run_folder(cfg: DictConfig) -> None:
             "continue that one with ckpt_path=last, or delete the folder."
         )
     if cfg.ckpt_path not in (None, "last"):
-        check_checkpoint(cfg.ckpt_path, "ckpt_path")
+        require_checkpoint_file(cfg.ckpt_path, "ckpt_path")
 
 
-def check_checkpoint(path: str, key: str) -> None:
-    """ConfigError unless `path` is a readable Lightning checkpoint (a state dict inside)."""
+def require_checkpoint_file(path: str, key: str) -> None:
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}={path} does not exist; pass a .ckpt file of a run.")
+
+
+def checkpoint_state(model, path: str, key: str) -> dict:
+    """The state dict of the Lightning checkpoint at `path`, read once; ConfigError, naming
+    `key`, unless it is readable and its weights are this model's (the same names: a checkpoint
+    of another config or another version of the suite is not)."""
     import pickle
     import zipfile
 
     import torch
 
-    if not Path(path).is_file():
-        raise ConfigError(f"{key}={path} does not exist; pass a .ckpt file of a run.")
+    require_checkpoint_file(path, key)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
         raise ConfigError(f"{key}={path} is not a readable checkpoint ({err}).") from None
-    if not isinstance(state, dict) or "state_dict" not in state:
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"{key}={path} is not a Lightning checkpoint (no state_dict in it).")
-
-
-def checkpoint_state(model, path: str, key: str) -> dict:
-    """The checkpoint's state dict, ConfigError unless its weights are this model's (the same
-    names; a checkpoint of another config or another version of the suite is not)."""
-    import torch
-
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    state = checkpoint["state_dict"]
     wanted = set(model.state_dict())
     missing, unexpected = sorted(wanted - set(state)), sorted(set(state) - wanted)
     if missing or unexpected:

@@ -14,9 +14,9 @@ from common.files import write_json
 from common.threads import use_threads
 from lightning_modules.cli.compose import save_config
 from lightning_modules.cli.inputs import (
-    check_checkpoint,
     check_run_inputs,
     checkpoint_state,
+    require_checkpoint_file,
     run_dir_for,
 )
 from lightning_modules.metrics import SPLIT_METRICS
@@ -200,7 +200,7 @@ def evaluate(cfg: DictConfig, ckpt: str | None = None, tag: str = "") -> dict[st
             f"no checkpoint to evaluate: none in {run_dir / 'checkpoints'}. Pass "
             "--ckpt PATH or the run's --config/run_dir."
         )
-    check_checkpoint(ckpt, "--ckpt")
+    require_checkpoint_file(ckpt, "--ckpt")  # before the model is built
     pl.seed_everything(cfg.seed, verbose=False)
     tokenizer = tokenizer_for(cfg, run_dir / "tokenizer")
     model = RISModel(cfg, tokenizer)
