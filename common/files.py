@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import tempfile
 from collections.abc import Callable
@@ -32,8 +33,9 @@ def atomic_write(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    owner = f"{socket.gethostname()}-{os.getpid()}"  # for `remove_stale_temps`
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{owner}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{process_tag()}.", suffix=".tmp", dir=path.parent
+    )
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as file:
@@ -50,23 +52,35 @@ def atomic_write(
     return path
 
 
+def process_tag() -> str:
+    """`<host>-<pid>`, put after a dot in the names of temp files and folders, so that a later
+    run can tell those of killed processes (`left_by_dead_process`)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def left_by_dead_process(name: str) -> bool:
+    """Whether `name` carries the `process_tag` of a process of this machine that is gone (not
+    of a running one, nor of another machine sharing the disk)."""
+    _, found, rest = name.rpartition(f".{socket.gethostname()}-")
+    pid = re.match(r"\d+", rest) if found else None
+    if pid is None:
+        return False
+    try:
+        os.kill(int(pid.group()), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass  # another user's live process
+    return False
+
+
 def remove_stale_temps(folder: str | os.PathLike) -> int:
-    """Remove the temp files that killed processes of this machine left in `folder` (a writer's
-    host and pid are in its temp file's name); returns how many."""
-    host = socket.gethostname()
-    removed = 0
-    for tmp in Path(folder).glob(f".*.{host}-*.tmp"):
-        pid = tmp.name.rsplit(f".{host}-", 1)[1].split(".", 1)[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-            removed += 1
-        except OSError:
-            pass  # another user's live process
-    return removed
+    """Remove the temp files that killed processes of this machine left in `folder`; returns
+    how many."""
+    stale = [tmp for tmp in Path(folder).glob(".*.tmp") if left_by_dead_process(tmp.name)]
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return len(stale)
 
 
 def write_json(path: str | os.PathLike, data: Any, **dumps: Any) -> Path:

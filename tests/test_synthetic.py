@@ -326,11 +326,11 @@ def test_a_killed_runs_staging_folder_is_removed(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     host = socket.gethostname()
-    stale = tmp_path / f".synthref-{host}-{dead.pid}-abc123"
+    stale = tmp_path / f".synthref.{host}-{dead.pid}-abc123"
     stale.mkdir(parents=True)
     (stale / "big.bin").write_bytes(b"0" * 1000)
-    live = tmp_path / f".synthref-{host}-{os.getpid()}-def456"
-    elsewhere = tmp_path / f".synthref-another-host-{dead.pid}-ghi789"
+    live = tmp_path / f".synthref.{host}-{os.getpid()}-def456"
+    elsewhere = tmp_path / f".synthref.another-{host}-{dead.pid}-ghi789"
     live.mkdir()
     elsewhere.mkdir()
     generate_synthref(SynthConfig(root=str(tmp_path), seed=0, **TINY), progress=False)
@@ -365,7 +365,7 @@ def test_svp_synth_killed_then_rerun_equals_an_uninterrupted_run(tmp_path):
 
     killed = synth(tmp_path / "killed")
     deadline = time.time() + 60
-    while not list((tmp_path / "killed").glob(".synthref-*/images/synthref/*.png")):
+    while not list((tmp_path / "killed").glob(".synthref.*/images/synthref/*.png")):
         assert time.time() < deadline and killed.poll() is None, "synth ended before the kill"
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
@@ -374,4 +374,4 @@ def test_svp_synth_killed_then_rerun_equals_an_uninterrupted_run(tmp_path):
     assert synth(tmp_path / "killed").wait() == 0
     assert synth(tmp_path / "clean").wait() == 0
     assert _tree_hashes(tmp_path / "killed") == _tree_hashes(tmp_path / "clean")
-    assert not list((tmp_path / "killed").glob(".synthref-*"))
+    assert not list((tmp_path / "killed").glob(".synthref.*"))

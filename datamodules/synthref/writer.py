@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import pickle
 import shutil
-import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from common.errors import ConfigError, DataError
+from common.files import left_by_dead_process, process_tag
 from datamodules.synthref.drawing import SHAPES, paint
 from datamodules.synthref.grammar import expression_text
 from datamodules.synthref.resolver import referring_expressions
@@ -216,25 +215,12 @@ def _write(cfg: SynthConfig, out: Path, progress: bool) -> None:
     paths["refs"].write_bytes(pickle.dumps(refs, protocol=PICKLE_PROTOCOL))
 
 
-def _staging_prefix() -> str:
-    """`.synthref-<host>-<pid>-`: whose staging folder it is, in its name from the start."""
-    return f".{DATASET}-{socket.gethostname()}-{os.getpid()}-"
-
-
 def _remove_stale_staging(root: Path) -> None:
     """Remove the staging folders that runs on this machine left when they were killed (their
     process is gone); those of running processes and of other machines stay."""
-    host = socket.gethostname()
-    for folder in root.glob(f".{DATASET}-{host}-*-*"):
-        pid = folder.name[len(f".{DATASET}-{host}-") :].split("-", 1)[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+    for folder in root.glob(f".{DATASET}.*"):
+        if left_by_dead_process(folder.name):
             shutil.rmtree(folder, ignore_errors=True)
-        except OSError:
-            continue  # someone else's process: alive
 
 
 def generate_synthref(cfg: SynthConfig, progress: bool = True, overwrite: bool = False) -> Path:
@@ -252,7 +238,8 @@ def generate_synthref(cfg: SynthConfig, progress: bool = True, overwrite: bool =
         )
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(root)
-    tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(), dir=root))
+    # `.synthref.<host>-<pid>-…`: whose staging folder it is, in its name from the start
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DATASET}.{process_tag()}-", dir=root))
     try:
         _write(cfg, tmp, progress)
         staged = synthref_paths(tmp)
