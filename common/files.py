@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import re
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -86,6 +88,15 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
 def write_json(path: str | os.PathLike, data: Any, **dumps: Any) -> Path:
     """`atomic_write` of `data` as JSON (`dumps`: `json.dumps` options, default indent 2)."""
     return atomic_write(path, json.dumps(data, **{"indent": 2, **dumps}))
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]], columns: Sequence[str]) -> Path:
+    """`atomic_write` of `rows` as CSV with a header of `columns`."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(columns))
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, text.getvalue())
 
 
 def file_key(*paths: str | os.PathLike) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +9,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from common.errors import ConfigError
-from common.files import atomic_write
+from common.files import atomic_write, write_csv
 from sweeps.space import override_value
 from sweeps.study import SURPLUS, storage_url
 
@@ -91,8 +89,8 @@ def pareto_report(study: optuna.Study, out_dir: str | Path, echo: bool = True) -
         "pareto": out / "pareto.csv",
         "plot": out / "pareto.png",
     }
-    _write_csv(paths["trials"], rows)
-    _write_csv(paths["pareto"], front)
+    write_csv(paths["trials"], rows, COLUMNS)
+    write_csv(paths["pareto"], front, COLUMNS)
     _plot(paths["plot"], rows, study.study_name)
     markdown = _markdown(study, trials, rows, front)
     atomic_write(paths["markdown"], markdown)
@@ -159,14 +157,6 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return str(value).replace("|", "\\|")
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, text.getvalue())
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import copy
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
 from common.errors import DataError
-from common.files import atomic_write
+from common.files import atomic_write, write_csv
 
 # the splits the RIS literature reports, per data set and its split convention
 REFER_SPLITS = (
@@ -64,11 +62,7 @@ def refer_table(cfg: DictConfig, ckpt: str | None = None) -> list[dict[str, Any]
         )
     out = run_dir_for(cfg)
     atomic_write(out / "refer-table.md", format_table(rows))
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(out / "refer-table.csv", text.getvalue())
+    write_csv(out / "refer-table.csv", rows, COLUMNS)
     print(format_table(rows))
     print(f"written to {out / 'refer-table.md'} and {out / 'refer-table.csv'}")
     return rows
