@@ -78,9 +78,7 @@ class FrozenEncoder(nn.Module):
             path = self.disk_dir / f"{name}.npy"
             try:
                 feat = torch.from_numpy(np.load(path).astype(np.float32))
-            except FileNotFoundError:
-                return None
-            except (OSError, EOFError, ValueError):  # damaged (truncated, emptied): recompute
+            except (OSError, EOFError, ValueError):  # not cached yet, or damaged: recompute
                 return None
             if self.memory:
                 MEMORY.put((self.key, name), feat)

@@ -86,6 +86,13 @@ def write_shard(
 _DAMAGE = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
+def _damaged(shard: Path, err: BaseException) -> DataError:
+    return DataError(
+        f"superpixel cache shard {shard} is damaged ({type(err).__name__}: {err}); "
+        "`svp precompute` with the run's settings recomputes it."
+    )
+
+
 def _checksum_path(shard: Path) -> Path:
     return shard.with_name(shard.name + ".sha256")
 
@@ -260,11 +267,7 @@ class SuperpixelStore:
         try:
             return archive[str(pos)]
         except _DAMAGE as err:
-            raise DataError(
-                f"superpixel cache shard {shard_path(self.cache_dir, shard)} is damaged "
-                f"({type(err).__name__}: {err}); `svp precompute` with the run's settings "
-                "recomputes it."
-            ) from None
+            raise _damaged(shard_path(self.cache_dir, shard), err) from None
 
     def close(self) -> None:
         for archive, _ in self._open.values():
@@ -285,10 +288,7 @@ class SuperpixelStore:
         except _DAMAGE as err:
             if archive is not None:
                 archive.close()
-            raise DataError(
-                f"superpixel cache shard {path} is damaged ({type(err).__name__}: {err}); "
-                "`svp precompute` with the run's settings recomputes it."
-            ) from None
+            raise _damaged(path, err) from None
         while len(self._open) > self.max_open_shards:
             self._open.popitem(last=False)[1][0].close()
         return self._open[shard]
