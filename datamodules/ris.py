@@ -147,12 +147,11 @@ class RISDataModule(pl.LightningDataModule):
         """Whether the superpixel cache this run reads is complete (or not needed)."""
         if not self.needs_superpixels:
             return True
-        from datamodules.superpixels.precompute import superpixel_cache_dir
-        from datamodules.superpixels.store import INDEX_FILE, missing_shards
-
-        datasets = [self._refer(s) for s in self.splits()]
-        folder = superpixel_cache_dir(datasets, _plain(self.cfg.superpixels), self.cfg.cache.root)
-        return (folder / INDEX_FILE).is_file() and not missing_shards(folder)
+        try:
+            self._ensure_store(compute=False)  # opening the store checks the cache is complete
+        except DataError:
+            return False
+        return True
 
     def _ensure_store(self, compute: bool):
         from datamodules.superpixels.precompute import (

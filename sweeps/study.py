@@ -120,7 +120,7 @@ def run_sweep(cfg: SweepConfig, train_fn: TrainFn, progress: bool = True) -> opt
             f"sweep.n_trials={cfg.n_trials}: a study needs at least one trial; leave it unset "
             f"(null) for the space's {space.n_trials}."
         )
-    n_trials = cfg.n_trials or space.n_trials
+    n_trials = study_size(cfg, space)
     if space.grid and n_trials > len(space.grid):
         raise ConfigError(
             f"sweep.n_trials={n_trials} exceeds the {len(space.grid)} configs of grid space "
@@ -334,6 +334,11 @@ def _check_same_space(study: optuna.Study, cfg: SweepConfig, space: SearchSpace)
 def _plain(value: Any) -> Any:
     """Tensor and numpy scalars as Python numbers, so the storage can hold them as JSON."""
     return value.item() if hasattr(value, "item") else value
+
+
+def study_size(cfg: SweepConfig, space: SearchSpace | None = None) -> int:
+    """The trials the study holds when done: `sweep.n_trials`, else the space's."""
+    return cfg.n_trials or (space or load_space(cfg.space)).n_trials
 
 
 def unfinished(study: optuna.Study, n_trials: int | None = None) -> str | None:

@@ -188,14 +188,14 @@ def run_sweep_command(cfg: DictConfig):
     """Run the sweep and write its report; a `SweepIncomplete` error (after the report) when no
     trial completed or trials are left unfinished."""
     from sweeps.report import pareto_report
-    from sweeps.study import load_space, run_sweep, unfinished
+    from sweeps.study import run_sweep, study_size, unfinished
 
     sweep_cfg = OmegaConf.to_object(cfg.sweep)
     study = run_sweep(sweep_cfg, make_train_fn(cfg), progress=True)
     out_dir = Path(cfg.runs_root) / study.study_name
     paths = pareto_report(study, out_dir)
     _print_where(paths, out_dir)
-    problem = unfinished(study, sweep_cfg.n_trials or load_space(sweep_cfg.space).n_trials)
+    problem = unfinished(study, study_size(sweep_cfg))
     if problem:
         raise SweepIncomplete(problem)
     return study
