@@ -5,6 +5,7 @@ Both tokenizers carry the two tokens the RIS model needs: ``<image>`` (where the
 spliced into ``inputs_embeds``) and ``[SEG]`` (whose hidden state becomes SAM's prompt).
 """
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from common import llava
 from common.errors import ConfigError
 
 IMAGE_TOKEN = "<image>"
@@ -61,6 +63,9 @@ class LLMConfig:
     num_key_value_heads: int = 4
     intermediate_size: int = 256
     max_position_embeddings: int = 512
+    # the random LLM's vocabulary, which `svp bench` pads its tokenizer to with unused tokens, so
+    # embeddings and lm_head take a real model's shape (LLaMA's 32000); null: the tokenizer's own
+    vocab_size: int | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     full_finetune: bool = True
     dtype: str = "float32"
@@ -140,6 +145,12 @@ def _dtype(cfg: LLMConfig):
 
 
 def _tiny_llama(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    if cfg.vocab_size is not None and cfg.vocab_size != len(tokenizer):
+        raise ConfigError(
+            f"llm.vocab_size={cfg.vocab_size} but the tokenizer has {len(tokenizer)} tokens: only "
+            "`svp bench` pads the vocabulary to llm.vocab_size (to measure at a real model's "
+            "shape); leave it null to train"
+        )
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -163,6 +174,8 @@ def _pretrained(cfg: LLMConfig) -> PreTrainedModel:
             f"llm.path={cfg.path!r} is not a folder; point it at a local HF model folder "
             "(LLaVA/Vicuna/LLaMA weights) or set it to null for the tiny LLM"
         )
+    if llava.is_llava(cfg.path):
+        return llava.language_model(cfg.path, _dtype(cfg))
     return AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True, dtype=_dtype(cfg))
 
 
@@ -189,8 +202,16 @@ def build_llm(cfg: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Mo
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    if cfg.full_finetune:
-        return model
+    if not cfg.full_finetune:
+        model = _train_adapters(model, cfg)
+    for p in model.parameters():
+        if p.requires_grad:  # float32 master weights (`llm_precision`)
+            p.data = p.data.float()
+    return model
+
+
+def _train_adapters(model: torch.nn.Module, cfg: LLMConfig) -> torch.nn.Module:
+    """Freeze the LLM; train LoRA adapters (if enabled) and the embeddings and lm_head."""
     model.requires_grad_(False)
     if cfg.lora.enabled:
         lora = LoraConfig(
@@ -263,6 +284,20 @@ def build_sequence(
     return Sequence(emb, attn, lab_out, torch.tensor(seg_pos, device=emb.device))
 
 
+def frozen_dtype(llm: torch.nn.Module) -> torch.dtype | None:
+    """The half-precision dtype the LLM's frozen weights are kept in (None: all float32)."""
+    low = (torch.bfloat16, torch.float16)
+    return next((p.dtype for p in llm.parameters() if p.dtype in low), None)
+
+
+def llm_precision(dtype: torch.dtype | None, device: torch.device):
+    """Autocast to `dtype` (see `frozen_dtype`): half-precision frozen weights and float32
+    trainable (master) weights compute together in it."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy over the answer tokens (labels ≠ −100), mean over the batch."""
     target = labels[:, 1:]
@@ -279,17 +314,22 @@ def seg_state(hidden: torch.Tensor, seg_pos: torch.Tensor) -> torch.Tensor:
 
 
 def tokenizer_texts(cfg: DictConfig) -> list[str]:
-    """Every sentence of the training split (and SynthRef's full grammar vocabulary)."""
+    """Every sentence of the training splits (`data.dataset`'s, or each `data.mix` data set's)
+    and SynthRef's full grammar vocabulary."""
+    from datamodules.mix import training_sets
     from datamodules.refer import ReferDataset
 
-    refer = ReferDataset(cfg.data.root, cfg.data.dataset, cfg.data.split_by, cfg.data.train_split)
-    texts = [s.get("sent", "") for ref in refer.refs for s in ref["sentences"]]
-    if cfg.data.dataset == "synthref":
+    d = cfg.data
+    texts = []
+    for source in training_sets(d):
+        refer = ReferDataset(d.root, source.dataset, source.split_by, d.train_split)
+        texts += [s.get("sent", "") for ref in refer.refs for s in ref["sentences"]]
+    if d.dataset == "synthref":  # a mix draws on data.dataset's images folder: SynthRef alone
         from datamodules.synthetic import synthref_vocabulary
 
         texts.append(" ".join(synthref_vocabulary()))
-    texts.append(cfg.data.prompt.replace("{sentence}", ""))
-    texts.append(cfg.data.answer)
+    texts.append(d.prompt.replace("{sentence}", ""))
+    texts.append(d.answer)
     return texts
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common import llava
 from common.files import file_key
 from common.sam import load_sam
 from lightning_modules.feature_cache import MEMORY, FrozenEncoder
@@ -16,7 +18,9 @@ from lightning_modules.grounding import Grounding, GroundingConfig, picked_hits
 from lightning_modules.llm import (
     build_llm,
     build_sequence,
+    frozen_dtype,
     image_token_id,
+    llm_precision,
     seg_state,
     seg_token_id,
     text_loss,
@@ -51,6 +55,9 @@ class RISModel(pl.LightningModule):
         llm = build_llm(OmegaConf.to_object(cfg.llm), self.tokenizer)
         hidden = llm.get_input_embeddings().embedding_dim
         projector = build_projector(cfg.projector, tower.out_channels, hidden)
+        if llava.is_llava(cfg.llm.path):
+            projector.start_from_llava(cfg.llm.path)
+        llava.forget()
         cache = Path(cfg.cache.root) / "features" if cfg.cache.features else None
         MEMORY.limit_bytes = int(cfg.cache.memory_mb) * 1024**2
         # features are cached per image id: the key names the encoder *and* the images (the data
@@ -64,6 +71,7 @@ class RISModel(pl.LightningModule):
         )
         self.tower = tower
         self.llm = llm
+        self.llm_dtype = frozen_dtype(llm)
         self.projector = projector
         self.grounding = Grounding(
             GroundingConfig(**OmegaConf.to_container(cfg.grounding, resolve=True)),
@@ -97,9 +105,12 @@ class RISModel(pl.LightningModule):
             feats = self.tower(self.tower.preprocess(images))
         proj = self.projector(feats, batch.get("labels"))  # tokens, their mask and footprints
         seq = build_sequence(self.llm, proj.tokens, proj.mask, batch, self.image_id, self.seg_id)
-        out = self.llm(
-            inputs_embeds=seq.embeds, attention_mask=seq.attention_mask, output_hidden_states=True
-        )
+        with llm_precision(self.llm_dtype, seq.embeds.device):
+            out = self.llm(
+                inputs_embeds=seq.embeds,
+                attention_mask=seq.attention_mask,
+                output_hidden_states=True,
+            )
         seg_hidden = seg_state(out.hidden_states[-1], seq.seg_pos)
         prompt, pointer = self.grounding(seg_hidden, proj, feats, batch, self.mask_decoder)
         return {
@@ -121,6 +132,18 @@ class RISModel(pl.LightningModule):
     # ------------------------------------------------------------------ lightning hooks
     def on_train_start(self) -> None:
         self.start_epoch = self.current_epoch  # > 0 when resumed from a checkpoint
+
+    def on_train_end(self) -> None:
+        """With several processes, check that every rank ends with the same trainable weights."""
+        if self.trainer.world_size == 1:
+            return
+        digest = hashlib.sha256()
+        for p in self.parameters():
+            if p.requires_grad:
+                digest.update(p.detach().float().cpu().numpy().tobytes())
+        digests = self._gather([digest.hexdigest()])
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"the processes ended with different weights: {digests}")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self(batch)
@@ -166,7 +189,7 @@ class RISModel(pl.LightningModule):
             self.log("val/ciou", self.trainer.callback_metrics[f"val/{first}/ciou"])
             self._log_images()
 
-    def _gather(self, values: list[int]) -> list[int]:
+    def _gather(self, values: list) -> list:
         if self.trainer is None or self.trainer.world_size == 1:
             return list(values)
         gathered: list = [None] * self.trainer.world_size

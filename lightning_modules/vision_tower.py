@@ -25,6 +25,7 @@ from transformers import (
     Dinov2WithRegistersModel,
 )
 
+from common import llava
 from common.errors import ConfigError
 from common.files import file_key
 from common.sam import encoder_state_channels, encoder_states, load_sam
@@ -42,10 +43,11 @@ TINY_IMAGE_SIZE = 128
 class VisionTowerConfig:
     """Which tower, where its weights are, and the tiny random-init size used when ``path`` is None.
 
-    ``path`` is a ``save_pretrained`` folder for clip/dinov2 (a CLIPVisionModel or a whole
-    CLIPModel; Dinov2Model or Dinov2WithRegistersModel) and a SAM ``.pth`` checkpoint for
-    sam_encoder. With a path, the patch size and widths are the checkpoint's, and so is the input
-    size unless ``image_size`` sets another (CLIP then interpolates its position embeddings).
+    ``path`` is a ``save_pretrained`` folder for clip/dinov2 (a CLIPVisionModel, a whole
+    CLIPModel or a LLaVA-1.5 model; Dinov2Model or Dinov2WithRegistersModel) and a SAM ``.pth``
+    checkpoint for sam_encoder. With a path, the patch size and widths are the checkpoint's, and
+    so is the input size unless ``image_size`` sets another (CLIP then interpolates its position
+    embeddings).
     ``feature_layer`` indexes the hidden states (0 = embeddings, -1 = last layer; LLaVA takes -2;
     SAM: 0 = patch embedding, 1..depth = blocks, -1 = neck).
     """
@@ -106,6 +108,13 @@ def _tiny_hf_config(cfg: VisionTowerConfig):
 
 def _load_hf(cfg: VisionTowerConfig) -> nn.Module:
     _check_path(cfg, want_dir=True)
+    if llava.is_llava(cfg.path):
+        if cfg.name != "clip":
+            raise ConfigError(
+                f"vision.path={cfg.path!r} is a LLaVA checkpoint, whose tower is CLIP; "
+                "set vision.name=clip"
+            )
+        return llava.vision_tower(cfg.path)
     if cfg.name == "clip":
         return CLIPVisionModel.from_pretrained(cfg.path, local_files_only=True)
     model_type = AutoConfig.from_pretrained(cfg.path, local_files_only=True).model_type

@@ -14,16 +14,26 @@ from common.sam import MODEL_TYPES, load_sam
 from .base import SuperpixelSource, check_range, register_source
 from .partition import MAX_SUPERPIXELS, partition_masks
 
+# per SAM model, what `points_per_side`, `pred_iou_thresh` and `stability_score_thresh` left
+# unset (null) become: SAM's own defaults for the official models; for the small SAM of the tiny
+# preset, whose IoU head is not calibrated, every mask is kept and filtered by stability only
+THRESHOLDS = {
+    "custom": (16, 0.0, 0.5),
+    "vit_b": (32, 0.88, 0.95),
+    "vit_l": (32, 0.88, 0.95),
+    "vit_h": (32, 0.88, 0.95),
+}
+
 
 @dataclass
 class SamSourceConfig:
     name: str = "sam"
     checkpoint: str = ""
     model_type: str = "custom"
-    points_per_side: int = 16
+    points_per_side: int | None = None  # null: by model_type (THRESHOLDS)
     points_per_batch: int = 64
-    pred_iou_thresh: float = 0.8
-    stability_score_thresh: float = 0.9
+    pred_iou_thresh: float | None = None
+    stability_score_thresh: float | None = None
     stability_score_offset: float = 1.0
     box_nms_thresh: float = 0.7
     crop_n_layers: int = 0
@@ -31,7 +41,13 @@ class SamSourceConfig:
     min_mask_region_area: int = 0
     min_area: int = 16
     max_superpixels: int = 64
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when there is a GPU (`svp precompute` uses its ranks')
+
+    def __post_init__(self) -> None:
+        keys = ("points_per_side", "pred_iou_thresh", "stability_score_thresh")
+        for key, value in zip(keys, THRESHOLDS.get(self.model_type, THRESHOLDS["custom"])):
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
 
 @register_source("sam")
@@ -60,7 +76,8 @@ class SamSource(SuperpixelSource):
         if cfg.min_mask_region_area > 0:
             _require_opencv()
         try:
-            device = torch.device(cfg.device)
+            auto = "cuda" if torch.cuda.is_available() else "cpu"
+            device = torch.device(auto if cfg.device == "auto" else cfg.device)
         except RuntimeError as err:
             raise ConfigError(f"superpixels.device: {err}") from err
         if model is None:

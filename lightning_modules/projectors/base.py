@@ -130,6 +130,11 @@ class Projector(nn.Module):
         """Short human-readable token budget for reports, e.g. `k=4`."""
         raise NotImplementedError
 
+    def start_from_llava(self, path: str) -> bool:
+        """Take trained weights from the LLaVA checkpoint at `path` where this projector has a
+        counterpart (only `mlp` does); True when it did."""
+        return False
+
 
 def fixed_count(features: Tensor, n: int) -> Tensor:
     """LongTensor[B] filled with `n`."""
