@@ -126,7 +126,7 @@ def test_masks_are_exact_and_coloured(synthref, data):
         seen = np.zeros(pixels.shape[:2], dtype=bool)
         for ann in image_anns:
             mask = decode_segmentation(ann["segmentation"], im["height"], im["width"])
-            kinds.add("polygon" if isinstance(ann["segmentation"], list) else "rle")
+            kinds.add("outline" if len(ann["segmentation"]) == 1 else "rectangles")
             ys, xs = np.nonzero(mask)
             assert ann["area"] == xs.size > 0
             assert ann["bbox"] == [xs.min(), ys.min(), np.ptp(xs) + 1, np.ptp(ys) + 1]
@@ -135,7 +135,39 @@ def test_masks_are_exact_and_coloured(synthref, data):
             mean = pixels[mask].astype(float).mean(0)
             nearest = list(COLORS)[int(((palette - mean) ** 2).sum(1).argmin())]
             assert nearest == ann["attributes"]["color"]
-    assert kinds == {"polygon", "rle"}
+    assert kinds == {"outline", "rectangles"}  # unoccluded objects, and what shows of the rest
+
+
+def _refer_get_mask(ann: dict, image: dict) -> np.ndarray:
+    """The public REFER API's `get_mask` (refer.py, which LISA and most RIS code copy)."""
+    from pycocotools import mask
+
+    if type(ann["segmentation"][0]) is list:  # polygon
+        rle = mask.frPyObjects(ann["segmentation"], image["height"], image["width"])
+    else:
+        rle = ann["segmentation"]
+    m = mask.decode(rle)
+    m = np.sum(m, axis=2)  # sometimes there are multiple binary map (one per polygon)
+    return m.astype(np.uint8)
+
+
+def test_read_as_refer_and_the_coco_api_read_it(synthref, data):
+    """Every object reads without error, with the suite's own mask, through REFER's `get_mask`
+    and pycocotools' COCO API: `iscrowd: 0` objects are polygons, as in COCO and RefCOCO."""
+    from pycocotools.coco import COCO
+
+    from datamodules.refer import ReferDataset
+
+    instances, refs, images, _ = data
+    coco = COCO(str(synthref / "synthref" / "instances.json"))
+    suite = ReferDataset(str(synthref), "synthref", "unc", "train")
+    for ann in instances["annotations"]:
+        assert ann["iscrowd"] == 0 and isinstance(ann["segmentation"], list)
+        ours = suite.annotation_mask(ann["id"])
+        refer = _refer_get_mask(ann, images[ann["image_id"]])
+        assert refer.max() == 1 and np.array_equal(refer.astype(bool), ours)
+        assert np.array_equal(coco.annToMask(coco.anns[ann["id"]]).astype(bool), ours)
+    assert {r["ann_id"] for r in refs} <= set(coco.anns)
 
 
 def test_scenes_rebuild_from_annotations(data):
@@ -146,11 +178,8 @@ def test_scenes_rebuild_from_annotations(data):
         for ann, obj in zip(sorted(image_anns, key=lambda a: a["id"]), scene.objects):
             assert not (obj.visible & ~obj.full).any()
             assert obj.area >= 0.6 * obj.full.sum()
-            if isinstance(ann["segmentation"], list):
-                assert ann["segmentation"] == [obj.polygon]
-                assert not obj.occluded
-            else:
-                assert obj.occluded
+            # the outline when nothing covers the object, else what shows, as exact rectangles
+            assert (ann["segmentation"] == [obj.polygon]) == (not obj.occluded)
 
 
 def test_every_sentence_names_exactly_its_target(data):

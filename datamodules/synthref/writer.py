@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from common.errors import ConfigError, DataError
@@ -120,12 +119,30 @@ def ensure_synthref(
     return False
 
 
-def _segmentation(obj) -> list | dict:
-    """Unoccluded objects keep their polygon; occluded ones the compressed RLE of what shows."""
-    if not obj.occluded:
-        return [obj.polygon]
-    rle = mask_utils.encode(np.asfortranarray(obj.visible.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+def mask_polygons(mask: np.ndarray) -> list[list[float]]:
+    """`mask` as COCO polygons that pycocotools rasterises back to exactly its pixels: disjoint
+    rectangles on pixel edges, one per run of rows that share a span of pixels."""
+    spans: dict[tuple[int, int], int] = {}  # open rectangles: (x0, x1) → first row
+    rects = []
+    for y in range(mask.shape[0] + 1):
+        row = np.zeros(mask.shape[1] + 2, dtype=np.int8)
+        if y < mask.shape[0]:
+            row[1:-1] = mask[y]
+        edges = np.flatnonzero(np.diff(row))
+        here = set(zip(edges[::2].tolist(), edges[1::2].tolist()))
+        for span in [s for s in spans if s not in here]:
+            rects.append((*span, spans.pop(span), y))
+        for span in here:
+            spans.setdefault(span, y)
+    return [
+        [float(v) for v in (x0, y0, x1, y0, x1, y1, x0, y1)] for x0, x1, y0, y1 in sorted(rects)
+    ]
+
+
+def _segmentation(obj) -> list:
+    """Polygons, as COCO and RefCOCO keep them for `iscrowd: 0`: an unoccluded object's outline;
+    for an occluded one, what shows (`mask_polygons`, exact to the pixel)."""
+    return [obj.polygon] if not obj.occluded else mask_polygons(obj.visible)
 
 
 def _annotation(obj, ann_id: int, image_id: int) -> dict:
