@@ -56,8 +56,9 @@ class FrozenEncoder(nn.Module):
     Two levels: the process-wide `MEMORY` (bounded in bytes, `cache.memory_mb`) and, when
     `disk_dir` is set, float16 `.npy` files under `disk_dir/key`, shared by every process and
     machine that sees the folder. With the disk cache on, fresh features are rounded to float16
-    too, so a run gives the same numbers whether its features were cached or not. `key` must name
-    the encoder and the images behind the ids.
+    too, so a run gives the same numbers whether its features were cached or not. Each image is
+    encoded alone, so its features are the same whichever run, batch or process computed them.
+    `key` must name the encoder and the images behind the ids.
     """
 
     def __init__(
@@ -100,10 +101,8 @@ class FrozenEncoder(nn.Module):
         device = self._device()
         found = {j: self._load(n) for j, n in enumerate(names)}
         missing = [j for j, f in found.items() if f is None]
-        if missing:
-            out = self.encoder(self.preprocess([images[j] for j in missing]))
-            for j, feat in zip(missing, out):
-                found[j] = self._store(names[j], feat)
+        for j in missing:  # one image at a time: its features never depend on its batch-mates
+            found[j] = self._store(names[j], self.encoder(self.preprocess([images[j]]))[0])
         return torch.stack([found[j].to(device) for j in range(len(names))])
 
     def _device(self) -> torch.device:
