@@ -6,6 +6,7 @@ import csv
 import math
 import multiprocessing as mp
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -250,6 +251,42 @@ def test_stale_trial_of_a_dead_worker_is_retried(tmp_path):
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6
     assert len(set(_configs(study))) == 6
     assert any(t.system_attrs.get("failed_trial") == 0 for t in study.trials)
+
+
+def _slow_worker(cfg: SweepConfig) -> None:
+    optuna.logging.set_verbosity(optuna.logging.CRITICAL)
+
+    def slow_train(overrides, run_dir, callbacks):
+        time.sleep(0.4)
+        return fake_train(overrides, run_dir, callbacks)
+
+    run_sweep(cfg, slow_train, progress=False)
+
+
+def test_sweep_killed_then_rerun_equals_an_uninterrupted_sweep(tmp_path):
+    """SIGKILL a sweep worker in the middle of a trial; the rerun (once the dead trial's grace
+    period has passed) completes the same set of trials as a sweep that ran through, none twice."""
+    space = _space_file(tmp_path, SMALL_GRID)
+    whole = run_sweep(_cfg(tmp_path / "whole", space), fake_train, progress=False)
+    cfg = _cfg(tmp_path / "killed", space, heartbeat_interval=1, grace_period=1)
+    worker = mp.get_context("spawn").Process(target=_slow_worker, args=(cfg,))
+    worker.start()
+    runs = tmp_path / "killed" / "runs"
+    deadline = time.monotonic() + 120
+    while len(list(runs.rglob("done.txt"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(worker.pid, signal.SIGKILL)  # as its second trial ends or its third trains
+    worker.join(30)
+    assert worker.exitcode == -signal.SIGKILL
+    killed = load_study("s", runs_root=runs)
+    assert 1 <= len(killed.get_trials(states=(TrialState.COMPLETE,))) < 6
+    time.sleep(2.5)  # past the grace period: the dead worker's trial is stale
+    study = run_sweep(cfg, fake_train, progress=False)
+    assert sorted(_configs(study)) == sorted(_configs(whole))
+    assert len(_configs(study)) == 6
+    values = {tuple(t.user_attrs["overrides"]): t.values for t in whole.trials}
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        assert trial.values == values[tuple(trial.user_attrs["overrides"])]
 
 
 def test_surplus_trial_is_failed_before_training_and_ignored(tmp_path):
