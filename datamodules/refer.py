@@ -134,6 +134,11 @@ class ReferDataset:
         """Sorted unique image ids of the split."""
         return self._image_ids
 
+    @property
+    def images_dir(self) -> Path:
+        """The folder of the data set's images (`image_dir`): RefCOCO/+/g share COCO's."""
+        return self._image_dir
+
     def image_path(self, image_id: int) -> Path:
         return self._image_dir / self._image_info(image_id)["file_name"]
 

@@ -10,10 +10,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.utilities.seed import isolate_rng
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 
 from common.errors import DataError
+from datamodules.mix import MixSampler, training_sets
 from datamodules.refer import ReferDataset
+from datamodules.superpixels.store import SuperpixelStore
 
 
 def resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
@@ -117,14 +119,20 @@ def _limit(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
 
 
 class RISDataModule(pl.LightningDataModule):
-    """Train split + one eval loader per eval split (val/testA/testB), in that order."""
+    """Train split(s) + one eval loader per eval split (val/testA/testB), in that order.
+
+    Without `data.mix` training reads `data.dataset`'s train split in a shuffled order; with it,
+    the mixed train splits by their rates (`datamodules.mix`). Evaluation reads `data.dataset`.
+    """
 
     def __init__(self, cfg, tokenizer):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.needs_superpixels = cfg.projector.name == "semantic"
-        self.store = None
+        self.mixed = bool(cfg.data.get("mix"))
+        self.train_sources = training_sets(cfg.data)
+        self.stores: dict[tuple[str, str], SuperpixelStore] = {}  # by (dataset, split_by)
         self.train_set: Dataset | None = None
         self.eval_sets: dict[str, Dataset] = {}
 
@@ -132,58 +140,76 @@ class RISDataModule(pl.LightningDataModule):
         d = self.cfg.data
         return ReferDataset(d.root, d.dataset, d.split_by, split)
 
-    def splits(self) -> list[str]:
-        return [self.cfg.data.train_split, *self.cfg.data.eval_splits]
+    def _train_refers(self) -> list[ReferDataset]:
+        d = self.cfg.data
+        return [
+            ReferDataset(d.root, s.dataset, s.split_by, d.train_split) for s in self.train_sources
+        ]
+
+    def superpixel_datasets(self) -> list[ReferDataset]:
+        """Every split a run reads: the train split of each data set it trains on, then
+        `data.dataset`'s eval splits."""
+        return [*self._train_refers(), *(self._refer(s) for s in self.cfg.data.eval_splits)]
 
     def prepare_data(self) -> None:
-        """Builds the superpixel cache on rank 0 when the projector needs it and it is missing,
-        leaving the random state as it was: a run gives the same numbers whether it built the
-        cache or found it."""
+        """Builds the superpixel caches on rank 0 when the projector needs them and they lack
+        images, leaving the random state as it was: a run gives the same numbers whether it built
+        the caches or found them."""
         if self.needs_superpixels:
             with isolate_rng(include_cuda=False):
-                self._ensure_store(compute=True)
+                self._open_stores(compute=True)
 
     def superpixels_ready(self) -> bool:
-        """Whether the superpixel cache this run reads is complete (or not needed)."""
+        """Whether the superpixel caches this run reads hold all its images (or are not needed)."""
         if not self.needs_superpixels:
             return True
         try:
-            self._ensure_store(compute=False)  # opening the store checks the cache is complete
+            self._open_stores(compute=False)  # opening a store checks it holds the images
         except DataError:
             return False
         return True
 
-    def _ensure_store(self, compute: bool):
+    def _open_stores(self, compute: bool) -> dict[tuple[str, str], SuperpixelStore]:
+        """One store per image set the run's splits draw on (RefCOCO/+/g share one)."""
         from datamodules.superpixels.precompute import (
+            by_image_set,
             ensure_superpixel_cache,
-            superpixel_cache_dir,
+            open_superpixel_store,
         )
-        from datamodules.superpixels.store import SuperpixelStore
 
-        datasets = [self._refer(s) for s in self.splits()]
         source_cfg = _plain(self.cfg.superpixels)
-        if compute:
-            on_gpu = self.cfg.trainer.accelerator in ("gpu", "cuda")
-            return ensure_superpixel_cache(
-                datasets,
-                source_cfg,
-                self.cfg.cache.root,
-                shard_size=self.cfg.cache.shard_size,
-                accelerator="gpu" if on_gpu else "cpu",
-                devices=1,  # nested inside prepare_data: one device
-            )
-        return SuperpixelStore(superpixel_cache_dir(datasets, source_cfg, self.cfg.cache.root))
+        on_gpu = self.cfg.trainer.accelerator in ("gpu", "cuda")
+        stores = {}
+        for datasets in by_image_set(self.superpixel_datasets(), source_cfg):
+            if compute:
+                store = ensure_superpixel_cache(
+                    datasets,
+                    source_cfg,
+                    self.cfg.cache.root,
+                    shard_size=self.cfg.cache.shard_size,
+                    accelerator="gpu" if on_gpu else "cpu",
+                    devices=1,  # nested inside prepare_data: one device
+                )
+            else:
+                store = open_superpixel_store(datasets, source_cfg, self.cfg.cache.root)
+            stores.update({(ds.dataset, ds.split_by): store for ds in datasets})
+        return stores
+
+    def _dataset(self, refer: ReferDataset) -> RISDataset:
+        store = self.stores.get((refer.dataset, refer.split_by))
+        return RISDataset(refer, store, self.cfg.data.label_size)
 
     def setup(self, stage: str | None = None) -> None:
         d = self.cfg.data
-        if self.needs_superpixels and self.store is None:
-            self.store = self._ensure_store(compute=False)
+        if self.needs_superpixels and not self.stores:
+            self.stores = self._open_stores(compute=False)
         if stage in (None, "fit") and self.train_set is None:
-            train = RISDataset(self._refer(d.train_split), self.store, d.label_size)
-            self.train_set = _limit(train, d.limit_train_sentences, self.cfg.seed)
+            limit, seed = d.limit_train_sentences, self.cfg.seed
+            sets = [_limit(self._dataset(r), limit, seed) for r in self._train_refers()]
+            self.train_set = ConcatDataset(sets) if self.mixed else sets[0]
         for split in d.eval_splits:
             if split not in self.eval_sets:
-                self.eval_sets[split] = RISDataset(self._refer(split), self.store, d.label_size)
+                self.eval_sets[split] = self._dataset(self._refer(split))
 
     def _collate(self) -> RISCollate:
         tok = self.tokenizer
@@ -199,20 +225,21 @@ class RISDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         d = self.cfg.data
         world, rank = self._world()
-        sampler = None
-        if world > 1:
+        if self.mixed:
+            sizes = [len(part) for part in self.train_set.datasets]
+            rates = [source.rate for source in self.train_sources]
+            sampler = MixSampler(sizes, rates, self.cfg.seed, num_replicas=world, rank=rank)
+        else:  # one order per (seed, epoch), also with one process: a resumed run goes on alike
             sampler = DistributedSampler(
                 self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.cfg.seed
             )
         return DataLoader(
             self.train_set,
             batch_size=d.batch_size,
-            shuffle=sampler is None,
             sampler=sampler,
             num_workers=d.num_workers,
             collate_fn=self._collate(),
             persistent_workers=d.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 
     def _eval_loaders(self, limit: int | None) -> list[DataLoader]:

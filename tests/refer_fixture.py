@@ -1,12 +1,14 @@
-"""A small hand-made REFER fixture: 5 images of 32×40, polygon and RLE masks, 7 refs in 4 splits.
-
-Masks are unions of axis-aligned rectangles (plus one striped mask): their areas are known by hand.
+"""REFER-layout fixtures: a small hand-made one (5 images of 32×40, polygon and RLE masks, 7 refs
+in 4 splits; masks are unions of axis-aligned rectangles, plus one striped mask, so their areas are
+known by hand), and the tiny SynthRef copied as RefCOCO, RefCOCO+ and RefCOCOg over one images
+folder.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +191,28 @@ def write_refer_fixture(root: Path, dataset: str = "refcoco", split_by: str = "u
         "image_ids": {split: sorted(ids) for split, ids in image_ids.items()},
         "samples": samples,
     }
+
+
+def write_synthref_as_refcoco(synthref: Path, root: Path) -> Path:
+    """RefCOCO, RefCOCO+ (unc: train, val, testA, testB) and RefCOCOg (umd: train, val, test) in
+    the REFER layout, made of the tiny SynthRef's files under `root`: every data set its own copy
+    of the refs and instances.json, the images once, where COCO's live (shared, as train2014)."""
+    images = image_folder(root, "refcoco")
+    images.parent.mkdir(parents=True)
+    shutil.copytree(synthref / "images" / "synthref", images)
+    refs = pickle.loads((synthref / "synthref" / "refs(unc).p").read_bytes())
+    for dataset, split_by, rename in (
+        ("refcoco", "unc", {}),
+        ("refcoco+", "unc", {}),
+        ("refcocog", "umd", {"testA": "test", "testB": None}),
+    ):
+        folder = root / dataset
+        folder.mkdir()
+        shutil.copy(synthref / "synthref" / "instances.json", folder / "instances.json")
+        kept = []
+        for ref in refs:
+            split = rename.get(ref["split"], ref["split"])
+            if split is not None:
+                kept.append({**ref, "split": split})
+        (folder / f"refs({split_by}).p").write_bytes(pickle.dumps(kept))
+    return root

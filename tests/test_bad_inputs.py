@@ -46,6 +46,12 @@ CASES = {
     "bad projector value": (["projector.k=0"], "projector.k"),
     "answer without [SEG]": (["data.answer=Sure."], "data.answer='Sure.' has no [SEG]"),
     "prompt without <image>": (["data.prompt='What is {sentence}?'"], "has no <image>"),
+    "mix of an unknown data set": (["data.mix={nope: 1}"], "data.mix.nope: unknown data set"),
+    "mix with a negative rate": (["data.mix={synthref: -1}"], "data.mix.synthref=-1"),
+    "mix with a rate not a number": (["data.mix={synthref: many}"], "data.mix.synthref='many'"),
+    "mix with every rate 0": (["data.mix={synthref: 0}"], "gives every data set rate 0"),
+    "mix not a mapping": (["data.mix=[synthref]"], "data.mix=['synthref'] must map"),
+    "mix over other images": (["data.mix={synthref: 1, refcoco: 1}"], "data.mix.refcoco: its"),
 }
 
 
@@ -57,6 +63,23 @@ def test_train_refuses_before_writing(finished_run, extra, named, tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("error: ") and named in err and "Traceback" not in err
     assert not run_dir.exists()
+
+
+def test_a_mixed_data_set_without_its_folder_is_named(
+    synthref_root, tiny_sam_checkpoint, tmp_path, capsys
+):
+    import shutil
+
+    from refer_fixture import write_synthref_as_refcoco
+
+    root = write_synthref_as_refcoco(synthref_root, tmp_path / "refer")
+    shutil.rmtree(root / "refcocog")
+    overrides = tiny_run_overrides(root, tiny_sam_checkpoint, tmp_path / "runs", "mlp")
+    overrides += ["data.dataset=refcoco", "data.mix={refcoco: 1, refcocog: 1}"]
+    assert main(["train", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: data.mix.refcocog: data set folder {root / 'refcocog'} is")
+    assert "Traceback" not in err and not (tmp_path / "runs" / "tiny").exists()
 
 
 def test_a_finished_run_is_never_trained_over(finished_run, capsys):

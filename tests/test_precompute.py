@@ -12,14 +12,13 @@ from common.errors import ConfigError, DataError
 from datamodules.superpixels import SOURCES, build_source
 from datamodules.superpixels import precompute as precompute_module
 from datamodules.superpixels.precompute import (
-    data_key_for,
     ensure_superpixel_cache,
+    open_superpixel_store,
     precompute_superpixels,
     resolve_source_config,
     source_identity,
-    superpixel_cache_dir,
 )
-from datamodules.superpixels.store import META_FILE, SuperpixelStore, missing_shards
+from datamodules.superpixels.store import META_FILE, SuperpixelStore, read_parts, shard_path
 
 GRID = {"name": "grid", "k": 4}
 
@@ -29,12 +28,13 @@ class FakeImages:
 
     def __init__(self, root, image_ids, split="train", fail_after=None, log_dir=None):
         self.root, self.dataset, self.split_by, self.split = Path(root), "fake", "unc", split
+        self.images_dir = self.root / "images"
         self.image_ids = tuple(sorted(image_ids))
         self.fail_after, self.log_dir = fail_after, log_dir
         self.loads = self.instance_loads = 0
 
     def image_path(self, image_id):
-        return self.root / "images" / f"{image_id}.png"  # not on disk: keyed by name
+        return self.images_dir / f"{image_id}.png"  # not on disk: keyed by name
 
     def load_image(self, image_id):
         if self.fail_after is not None and self.loads >= self.fail_after:
@@ -65,7 +65,21 @@ def run(datasets, cache_root, source=GRID, **kwargs):
 
 
 def shard_bytes(cache_dir):
-    return {p.name: p.read_bytes() for p in sorted(cache_dir.glob("shard-*.npz"))}
+    return {p.name: p.read_bytes() for p in sorted(cache_dir.glob("part-*.npz"))}
+
+
+def cache_dir_of(datasets, cache_root, source=GRID):
+    return open_superpixel_store(datasets, source, cache_root).cache_dir
+
+
+def unwritten(cache_dir):
+    """(part, shard) of every shard a part lists that is not on disk."""
+    return [
+        (part.name, k)
+        for part in read_parts(cache_dir)
+        for k in range(len(part.shards))
+        if not shard_path(cache_dir, part.name, k).is_file()
+    ]
 
 
 def test_precompute_covers_the_union_of_splits(tmp_path):
@@ -74,9 +88,9 @@ def test_precompute_covers_the_union_of_splits(tmp_path):
     cache_dir, summary = run([train, val], tmp_path / "cache")
     assert summary["images"] == summary["images_computed"] == 14 and summary["images_per_s"] > 0
     assert train.loads + val.loads == 14 and train.instance_loads == 0
-    assert cache_dir == superpixel_cache_dir([train, val], GRID, tmp_path / "cache")
+    assert cache_dir == cache_dir_of([train, val], tmp_path / "cache")
     store = SuperpixelStore(cache_dir)
-    assert store.image_ids == tuple(range(14)) and store.meta["num_shards"] == 5
+    assert store.image_ids == tuple(range(14)) and len(read_parts(cache_dir)[0].shards) == 5
     source = build_source(GRID)
     for image_id in range(14):
         expected = source(train.load_image(image_id))
@@ -89,7 +103,7 @@ def test_rerun_does_no_work_and_starts_no_trainer(tmp_path, monkeypatch, capsys)
     again = FakeImages(tmp_path, range(5))
     _, summary = run([again], tmp_path / "cache", progress=True)
     assert again.loads == 0 and summary["images_computed"] == 0 and summary["images"] == 5
-    assert "is complete (5 images, source grid)" in capsys.readouterr().out
+    assert "is complete for these 5 images (source grid)" in capsys.readouterr().out
 
 
 def test_resume_after_crash_equals_clean_run_byte_for_byte(tmp_path):
@@ -97,51 +111,71 @@ def test_resume_after_crash_equals_clean_run_byte_for_byte(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         run([FakeImages(tmp_path, range(12), fail_after=7)], tmp_path / "crashed")
     crashed_dir = tmp_path / "crashed" / clean_dir.name
-    assert missing_shards(crashed_dir) == [2, 3]
+    (part,) = read_parts(crashed_dir)
+    assert unwritten(crashed_dir) == [(part.name, 2), (part.name, 3)]
     assert [p.name for p in crashed_dir.iterdir() if p.name.startswith(".")] == []
     resumed = FakeImages(tmp_path, range(12))
     _, summary = run([resumed], tmp_path / "crashed")
     assert resumed.loads == summary["images_computed"] == 6
     assert shard_bytes(crashed_dir) == shard_bytes(clean_dir)
-    for name in ("index.json", META_FILE):
+    for name in (f"{part.name}.json", META_FILE):
         clean, crashed = (json.loads((d / name).read_text()) for d in (clean_dir, crashed_dir))
         clean.pop("created", None), crashed.pop("created", None)
         assert clean == crashed
-    (crashed_dir / "shard-00001.npz").unlink()
+    shard_path(crashed_dir, part.name, 1).unlink()
     redo = FakeImages(tmp_path, range(12))
     run([redo], tmp_path / "crashed")
     assert redo.loads == 3 and shard_bytes(crashed_dir) == shard_bytes(clean_dir)
 
 
-def test_other_configs_get_their_own_cache(tmp_path):
+def test_other_configs_and_image_sets_get_their_own_cache(tmp_path):
     images = FakeImages(tmp_path, range(4))
     coarse_dir, _ = run([images], tmp_path / "cache", source={"name": "grid", "k": 2})
     fine_dir, _ = run([images], tmp_path / "cache", source=GRID)
-    more_dir, _ = run([FakeImages(tmp_path, range(6))], tmp_path / "cache", source=GRID)
-    assert len({coarse_dir, fine_dir, more_dir}) == 3
+    other_dir, _ = run([FakeImages(tmp_path / "elsewhere", range(4))], tmp_path / "cache")
+    assert len({coarse_dir, fine_dir, other_dir}) == 3
     assert SuperpixelStore(coarse_dir).get(1).max() == 3
     assert SuperpixelStore(fine_dir).get(1).max() == 15
+    with pytest.raises(DataError, match="draw on different images"):
+        run([images, FakeImages(tmp_path / "elsewhere", range(4))], tmp_path / "cache")
 
 
-def test_a_subset_of_the_images_reuses_a_complete_cache(tmp_path, monkeypatch):
-    """Evaluating on val alone after training on train + val needs no second cache (it took a
-    7-minute SAM recompute before); an incomplete cache, another source config or an image outside
-    the cache still gets its own folder."""
+def test_a_subset_of_the_images_reuses_the_cache_and_new_images_add_to_it(tmp_path, monkeypatch):
+    """Evaluating on val alone after training on train + val computes nothing (it took a
+    7-minute SAM recompute once); images outside the cache are computed, and only they; another
+    source config gets its own folder."""
     train, val = FakeImages(tmp_path, range(10)), FakeImages(tmp_path, range(8, 14), split="val")
     full_dir, _ = run([train, val], tmp_path / "cache")
     monkeypatch.setattr(precompute_module, "Trainer", None)  # no computing from here on
     only_val = FakeImages(tmp_path, range(8, 14), split="val")
     cache_dir, summary = run([only_val], tmp_path / "cache")
     assert cache_dir == full_dir and only_val.loads == 0 and summary["images_computed"] == 0
-    assert superpixel_cache_dir([only_val], GRID, tmp_path / "cache") == full_dir
+    assert cache_dir_of([only_val], tmp_path / "cache") == full_dir
     assert SuperpixelStore(cache_dir).get(9).shape == only_val.size(9)
     monkeypatch.undo()
-    outside = FakeImages(tmp_path, range(12, 16), split="val")
-    assert run([outside], tmp_path / "cache")[0] != full_dir
+    outside = FakeImages(tmp_path, range(12, 16), split="test")
+    cache_dir, summary = run([outside], tmp_path / "cache")
+    assert cache_dir == full_dir and summary["images_computed"] == outside.loads == 2
+    assert len(read_parts(full_dir)) == 2 and len(SuperpixelStore(full_dir)) == 16
     assert run([only_val], tmp_path / "cache", source={"name": "grid", "k": 2})[0] != full_dir
-    (full_dir / "shard-00000.npz").unlink()  # an incomplete cache is not reused for others
-    again = FakeImages(tmp_path, range(8, 14), split="val")
-    assert superpixel_cache_dir([again], GRID, tmp_path / "cache") != full_dir
+
+
+def test_a_missing_shard_with_images_of_others_is_replaced_by_a_new_part(tmp_path):
+    """A request recomputes a missing shard in place only when it holds all the shard's images;
+    else its own images of that shard go into a new part (others keep theirs)."""
+    full_dir, _ = run([FakeImages(tmp_path, range(14))], tmp_path / "cache")
+    (part,) = read_parts(full_dir)
+    shard_path(full_dir, part.name, 2).unlink()  # images 6, 7, 8
+    val = FakeImages(tmp_path, range(8, 14), split="val")
+    with pytest.raises(DataError, match="incomplete: 1 of 3 shards missing"):
+        cache_dir_of([val], tmp_path / "cache")
+    _, summary = run([val], tmp_path / "cache")
+    assert summary["images_computed"] == val.loads == 1
+    assert SuperpixelStore(full_dir, val.image_ids).entries[8].part != part.name
+    everything = FakeImages(tmp_path, range(14))
+    _, summary = run([everything], tmp_path / "cache")
+    assert summary["images_computed"] == everything.loads == 3
+    assert unwritten(full_dir) == []
 
 
 def test_instance_masks_only_for_sources_that_need_them(tmp_path):
@@ -194,8 +228,11 @@ def test_real_refer_dataset(synthref_root, tmp_path):
     cache_dir, summary = run(datasets, tmp_path / "cache", source={"name": "oracle"})
     ids = sorted({i for ds in datasets for i in ds.image_ids})
     assert summary["images"] == len(ids)
-    assert data_key_for(datasets)["datasets"] == ["synthref/unc"]
     oracle, store = build_source({"name": "oracle"}), SuperpixelStore(cache_dir)
+    assert store.meta["images"] == {  # oracle maps come from the annotations too
+        "images": str((synthref_root / "images" / "synthref").resolve()),
+        "annotations": str((synthref_root / "synthref" / "instances.json").resolve()),
+    }
     for image_id in ids[:3]:
         ds = datasets[0] if image_id in datasets[0].image_ids else datasets[1]
         expected = oracle(ds.load_image(image_id), ds.instance_masks(image_id))
@@ -230,9 +267,10 @@ def test_two_process_ddp_spawn_equals_one_process(tmp_path):
     check_two_ranks(tmp_path, "ddp_spawn")
 
 
-def test_replaced_data_gets_its_own_cache(tmp_path):
-    """A cache is keyed by what the images and annotations are, not only their ids: regenerated
-    SynthRef (same sizes, another seed) or one replaced image file is computed anew."""
+def test_replaced_images_are_recomputed(tmp_path):
+    """A cache is keyed by what the image files are, not only their ids: regenerated SynthRef
+    (same sizes, another seed) is computed anew, and of one replaced image file only that image;
+    until then the cache is not ready for it."""
     from conftest import TINY_SYNTH
 
     from datamodules.refer import ReferDataset
@@ -244,33 +282,35 @@ def test_replaced_data_gets_its_own_cache(tmp_path):
         return [ReferDataset(root, "synthref", "unc", s) for s in ("train", "val")]
 
     generate_synthref(SynthConfig(root=str(root), seed=0, **TINY_SYNTH), progress=False)
-    first, _ = run(datasets(), tmp_path / "cache")
-    assert superpixel_cache_dir(datasets(), GRID, tmp_path / "cache") == first
+    first, summary = run(datasets(), tmp_path / "cache")
+    total = summary["images"]
     generate_synthref(SynthConfig(root=str(root), seed=5, **TINY_SYNTH), False, overwrite=True)
-    again, _ = run(datasets(), tmp_path / "cache")
-    assert again != first
+    with pytest.raises(DataError, match=rf"{total} images changed .*svp precompute"):
+        cache_dir_of(datasets(), tmp_path / "cache")
+    again, summary = run(datasets(), tmp_path / "cache")
+    assert again == first and summary["images_computed"] == total
+    newest = read_parts(first)[-1].name
+    assert {e.part for e in SuperpixelStore(first).entries.values()} == {newest}
     image = datasets()[0].image_path(datasets()[0].image_ids[0])
     image.write_bytes(image.read_bytes())  # the same bytes, a new file: counted as replaced
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
-    third, _ = run(datasets(), tmp_path / "cache")
-    assert third not in (first, again)
-    # a subset of the images no longer finds the complete cache of the old files either
-    val = [ReferDataset(root, "synthref", "unc", "val")]
-    assert superpixel_cache_dir(val, GRID, tmp_path / "cache") in (third,)
+    with pytest.raises(DataError, match="1 images changed"):
+        cache_dir_of([ReferDataset(root, "synthref", "unc", "train")], tmp_path / "cache")
+    _, summary = run(datasets(), tmp_path / "cache")
+    assert summary["images_computed"] == 1 and len(read_parts(first)) == 3
 
 
 def test_a_damaged_shard_is_named_and_recomputed(tmp_path, capsys):
     """A truncated or emptied shard: reading it is an error naming the shard and the fix, and
     `precompute` (checksums beside the shards) recomputes it to the same bytes."""
-    from datamodules.superpixels.store import shard_path
-
     ds = FakeImages(tmp_path, range(7))
     cache_dir, _ = run([ds], tmp_path / "cache")
     clean = shard_bytes(cache_dir)
+    (part,) = read_parts(cache_dir)
     for damage in (lambda b: b[: len(b) // 2], lambda b: b""):
-        path = shard_path(cache_dir, 1)
+        path = shard_path(cache_dir, part.name, 1)
         path.write_bytes(damage(path.read_bytes()))
-        with pytest.raises(DataError, match=r"shard-00001.npz is damaged.*svp precompute"):
+        with pytest.raises(DataError, match=rf"{part.name}-00001.npz is damaged.*svp precompute"):
             SuperpixelStore(cache_dir).get(ds.image_ids[4])
         run([ds], tmp_path / "cache")
         assert shard_bytes(cache_dir) == clean
@@ -296,7 +336,7 @@ def test_svp_precompute_killed_then_rerun_equals_an_uninterrupted_run(synthref_r
 
     killed = precompute(tmp_path / "killed")
     deadline = time.time() + 120
-    while len(list((tmp_path / "killed").glob("slic-*/shard-*.npz"))) < 2:
+    while len(list((tmp_path / "killed").glob("slic-*/part-*.npz"))) < 2:
         assert time.time() < deadline and killed.poll() is None, "precompute ended before the kill"
         time.sleep(0.02)
     killed.send_signal(signal.SIGKILL)
@@ -306,6 +346,51 @@ def test_svp_precompute_killed_then_rerun_equals_an_uninterrupted_run(synthref_r
     (killed_dir,) = (tmp_path / "killed").glob("slic-*")
     (clean_dir,) = (tmp_path / "clean").glob("slic-*")
     assert killed_dir.name == clean_dir.name
-    files = {p.name: p.read_bytes() for p in sorted(killed_dir.glob("shard-*"))}
-    assert files == {p.name: p.read_bytes() for p in sorted(clean_dir.glob("shard-*"))}
+    files = {p.name: p.read_bytes() for p in sorted(killed_dir.glob("part-*"))}
+    assert files == {p.name: p.read_bytes() for p in sorted(clean_dir.glob("part-*"))}
     assert not list(killed_dir.glob(".*.tmp"))
+
+
+def test_refcoco_refcoco_plus_and_refcocog_share_one_cache(synthref_root, tmp_path, monkeypatch):
+    """RefCOCO, RefCOCO+ and RefCOCOg draw on one images folder (COCO train2014): a second data
+    set computes only the images the cache lacks (none, once every split of RefCOCO is in), and
+    all three read the same label maps, the source's own for each image."""
+    from refer_fixture import write_synthref_as_refcoco
+
+    from datamodules.refer import ReferDataset, available_splits
+
+    root = write_synthref_as_refcoco(synthref_root, tmp_path / "refer")
+    slic = {"name": "slic", "n_segments": 16}
+
+    def splits(dataset, split_by, only=None):
+        names = only or available_splits(root, dataset, split_by)
+        return [ReferDataset(root, dataset, split_by, s) for s in names]
+
+    def ids(datasets):
+        return {i for ds in datasets for i in ds.image_ids}
+
+    train_only = splits("refcoco", "unc", ["train"])
+    first, summary = run(train_only, tmp_path / "cache", source=slic)
+    assert summary["images_computed"] == len(ids(train_only))
+    refcocog = splits("refcocog", "umd")  # train, val, test (RefCOCO's testA)
+    cache_dir, summary = run(refcocog, tmp_path / "cache", source=slic)
+    assert cache_dir == first
+    assert summary["images_computed"] == len(ids(refcocog) - ids(train_only)) > 0
+    refcoco = splits("refcoco", "unc")
+    _, summary = run(refcoco, tmp_path / "cache", source=slic)  # testB is new
+    assert summary["images_computed"] == len(ids(refcoco) - ids(refcocog)) > 0
+
+    monkeypatch.setattr(precompute_module, "Trainer", None)  # nothing is computed from here on
+    stores = {}
+    for dataset, split_by in (("refcoco", "unc"), ("refcoco+", "unc"), ("refcocog", "umd")):
+        datasets = splits(dataset, split_by)
+        cache_dir, summary = run(datasets, tmp_path / "cache", source=slic)
+        assert cache_dir == first and summary["images_computed"] == 0
+        stores[dataset] = open_superpixel_store(datasets, slic, tmp_path / "cache")
+    source = build_source(slic)
+    for image_id in sorted(ids(refcoco)):
+        expected = source(refcoco[0].load_image(image_id))
+        for dataset in ("refcoco", "refcoco+"):
+            np.testing.assert_array_equal(stores[dataset].get(image_id), expected)
+        if image_id in ids(refcocog):
+            np.testing.assert_array_equal(stores["refcocog"].get(image_id), expected)

@@ -1,16 +1,17 @@
 """`svp precompute`: fill a superpixel cache with a Lightning predict loop, one shard per batch.
 
-Every rank takes the pending shards k with k % world_size == rank (no DistributedSampler, so no
-padding duplicates), computes their label maps in `predict_step` with its own copy of the source on
-its own device, and `ShardWriter` writes each shard atomically. The same call runs on one CPU or on
-many GPUs and nodes (`strategy="ddp"`).
+A request is the images of some data sets (the union of their ids), each with the identity of its
+file; the cache of their image set computes only what it lacks (`plan_work`). Every rank takes the
+shard jobs k with k % world_size == rank (no DistributedSampler, so no padding duplicates),
+computes their label maps in `predict_step` with its own copy of the source on its own device, and
+`ShardWriter` writes each shard atomically. The same call runs on one CPU or on many GPUs and nodes
+(`strategy="ddp"`).
 """
 
 import hashlib
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import asdict
-from functools import partial
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,14 +27,12 @@ from common.files import file_key, remove_stale_temps
 from .base import SOURCES, build_source, source_config
 from .store import (
     DEFAULT_SHARD_SIZE,
-    META_FILE,
+    ShardJob,
     SuperpixelStore,
     cache_dir_for,
     config_hash,
-    find_covering_cache,
-    missing_shards,
     open_or_create_cache,
-    read_index,
+    plan_work,
     shard_path,
     write_shard,
 )
@@ -48,6 +47,7 @@ class ImageDataset(Protocol):
     dataset: str
     split_by: str
     image_ids: Sequence[Hashable]
+    images_dir: Path
 
     def image_path(self, image_id: Hashable) -> Path: ...
 
@@ -72,53 +72,79 @@ def source_identity(source_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return identity
 
 
-def data_key_for(datasets: Sequence[ImageDataset]) -> dict[str, Any]:
-    """What defines the images: data roots, datasets (name/split_by), the exact image ids, and
-    what the files are (`files_key`), so replaced images or annotations get another cache."""
-    ids = sorted({i for ds in datasets for i in ds.image_ids})
-    return {
-        "roots": sorted({str(Path(ds.root).resolve()) for ds in datasets}),
-        "datasets": sorted({f"{ds.dataset}/{ds.split_by}" for ds in datasets}),
-        "num_images": len(ids),
-        "image_ids_sha256": config_hash({"image_ids": ids}),
-        "files": files_key(datasets, ids),
-    }
+def image_set(ds: ImageDataset, needs_instances: bool) -> dict[str, str]:
+    """What a data set's label maps are computed from: its images folder, and for sources that
+    read instance masks, its annotation file. Data sets with the same image set share a cache."""
+    key = {"images": str(Path(ds.images_dir).resolve())}
+    if needs_instances:
+        key["annotations"] = str(_instances_file(ds).resolve())
+    return key
 
 
-def files_key(datasets: Sequence[ImageDataset], image_ids: Sequence[Hashable]) -> str:
-    """`file_key` (path, size, mtime) of the data sets' annotation files and of the image file
-    of each of `image_ids` (found through the first data set)."""
-    annotations = sorted({str(Path(ds.root) / ds.dataset / "instances.json") for ds in datasets})
-    first = datasets[0]
-    return file_key(*annotations, *(first.image_path(i) for i in sorted(image_ids)))
+def by_image_set(datasets: Sequence[ImageDataset], source_cfg: Any) -> list[list[ImageDataset]]:
+    """`datasets` grouped by `image_set` for this source, in order of first appearance."""
+    needs_instances = SOURCES[resolve_source_config(source_cfg)["name"]].needs_instances
+    groups: dict[str, list[ImageDataset]] = {}
+    for ds in datasets:
+        groups.setdefault(config_hash(image_set(ds, needs_instances)), []).append(ds)
+    return list(groups.values())
 
 
-def superpixel_cache_dir(
+@dataclass
+class Request:
+    """The images of some data sets over one image set: each id's file identity and the data set
+    that loads it."""
+
+    image_set: dict[str, str]
+    files: dict[Hashable, str]
+    owners: dict[Hashable, ImageDataset]
+
+
+def request_for(datasets: Sequence[ImageDataset], needs_instances: bool) -> Request:
+    """The union of the data sets' images, each named by `file_key` of its image file (and, for
+    sources that read instance masks, of the annotation file): a replaced file is recomputed."""
+    datasets = list(datasets)
+    if not datasets:
+        raise DataError("no datasets given to precompute superpixels for")
+    groups = {config_hash(image_set(ds, needs_instances)): ds for ds in datasets}
+    if len(groups) > 1:
+        a, b = list(groups.values())[:2]
+        raise DataError(
+            f"{a.dataset} and {b.dataset} draw on different images ({a.images_dir}, "
+            f"{b.images_dir}) and so have separate superpixel caches; precompute each on its own"
+        )
+    owners: dict[Hashable, ImageDataset] = {}
+    for ds in datasets:
+        for image_id in ds.image_ids:
+            first = owners.setdefault(image_id, ds)
+            if first is not ds and first.image_path(image_id) != ds.image_path(image_id):
+                raise DataError(
+                    f"image_id {image_id} is {first.image_path(image_id)} in {first.dataset} but "
+                    f"{ds.image_path(image_id)} in {ds.dataset}; data sets that share an images "
+                    "folder must give each file one id. Fix their instances.json files."
+                )
+    extra = [_instances_file(datasets[0])] if needs_instances else []
+    files = {i: file_key(ds.image_path(i), *extra) for i, ds in owners.items()}
+    return Request(image_set(datasets[0], needs_instances), files, owners)
+
+
+def open_superpixel_store(
     datasets: Sequence[ImageDataset], source_cfg: Any, cache_root: str | Path
-) -> Path:
-    """The cache folder `precompute_superpixels` uses for these datasets and this source: its own,
-    or a complete cache of the same source that covers all their images."""
-    identity = source_identity(resolve_source_config(source_cfg))
-    ids = [i for ds in datasets for i in ds.image_ids]
-    return _cache_folder(
-        cache_root, identity, data_key_for(datasets), ids, partial(files_key, datasets)
-    )
-
-
-def _cache_folder(
-    cache_root: str | Path,
-    identity: dict,
-    data_key: dict,
-    image_ids: Sequence[Hashable],
-    files: Callable[[Sequence[Hashable]], str],
-) -> Path:
-    """The request's own cache folder once it exists (complete or not); else a complete cache of
-    the same source that holds every image (`find_covering_cache`); else the own folder, to be
-    created."""
-    own = cache_dir_for(cache_root, identity, data_key)
-    if (own / META_FILE).is_file():
-        return own
-    return find_covering_cache(cache_root, identity, data_key, image_ids, files) or own
+) -> SuperpixelStore:
+    """The store that holds the current label maps of every image of `datasets` (one image set);
+    a DataError naming `svp precompute` when it lacks any or an image file changed since."""
+    build_cfg = resolve_source_config(source_cfg)
+    request = request_for(datasets, SOURCES[build_cfg["name"]].needs_instances)
+    cache_dir = cache_dir_for(cache_root, source_identity(build_cfg), request.image_set)
+    store = SuperpixelStore(cache_dir, request.files)
+    changed = [i for i, key in request.files.items() if store.entries[i].identity != key]
+    if changed:
+        path = request.owners[changed[0]].image_path(changed[0])
+        raise DataError(
+            f"{len(changed)} images changed since their superpixels were computed into "
+            f"{cache_dir} (e.g. {path}); run `svp precompute` to recompute them"
+        )
+    return store
 
 
 def precompute_superpixels(
@@ -133,50 +159,33 @@ def precompute_superpixels(
     progress: bool = True,
     verify: bool = True,
 ) -> tuple[Path, dict[str, float]]:
-    """Compute the label maps of every image of `datasets` (the union of their ids) into the cache.
+    """Compute the label maps that the cache of the data sets' image set lacks for their images
+    (the union of their ids); the data sets must share one image set (`by_image_set`).
 
-    Finished shards are skipped, so an interrupted run resumes; with nothing left no Trainer starts.
-    With `verify`, a shard that does not match its checksum counts as not finished (and a
-    covering cache with one is not used): `svp precompute` repairs damaged caches; a training
-    start, which reads every shard it needs anyway, skips the hashing.
-    `superpixels.device` is ignored here: each rank runs the source on its own device.
+    What is cached is skipped, so an interrupted run resumes and a second data set over the same
+    images computes only the images the first did not have; with nothing left no Trainer starts.
+    With `verify`, a shard that does not match its checksum counts as not written: `svp
+    precompute` repairs damaged caches; a training start, which reads every shard it needs
+    anyway, skips the hashing. `superpixels.device` is ignored here: each rank runs the source on
+    its own device.
 
     Returns:
       the cache folder and a summary: images, images_computed, seconds, images_per_s.
     """
-    datasets = list(datasets)
-    if not datasets:
-        raise DataError("no datasets given to precompute superpixels for")
     build_cfg = resolve_source_config(source_cfg)
-    identity = source_identity(build_cfg)
     name = build_cfg["name"]
-    owners: dict[Hashable, ImageDataset] = {}
-    for ds in datasets:
-        for image_id in ds.image_ids:
-            owners.setdefault(image_id, ds)
-    data_key = data_key_for(datasets)
-    folder = _cache_folder(
-        cache_root, identity, data_key, list(owners), partial(files_key, datasets)
-    )
-    own = cache_dir_for(cache_root, identity, data_key)
-    if folder != own and verify and missing_shards(folder, verify=True):
-        _say(progress, f"superpixel cache {folder} has damaged shards; computing {own}")
-        folder = own
-    if folder != own:  # e.g. `svp eval data.eval_splits=[val]` after training on every split:
-        # the full cache holds these
-        total = len(owners)
-        _say(progress, f"superpixel cache {folder} holds all {total} images (source {name})")
-        return folder, _summary(total, 0, 0.0)
-    cache_dir = open_or_create_cache(cache_root, identity, data_key, list(owners), shard_size)
+    request = request_for(datasets, SOURCES[name].needs_instances)
+    if not request.files:
+        raise DataError(f"no images to precompute superpixels for ({len(datasets)} data sets)")
+    cache_dir = open_or_create_cache(cache_root, source_identity(build_cfg), request.image_set)
     remove_stale_temps(cache_dir)  # what a killed run was writing
-    shards = read_index(cache_dir)
-    pending = [(k, shards[k]) for k in missing_shards(cache_dir, verify=verify)]
-    total = sum(len(ids) for ids in shards)
-    if not pending:
-        _say(progress, f"superpixel cache {cache_dir} is complete ({total} images, source {name})")
+    jobs = plan_work(cache_dir, request.files, shard_size, verify=verify)
+    total = len(request.files)
+    if not jobs:
+        message = f"superpixel cache {cache_dir} is complete for these {total} images"
+        _say(progress, f"{message} (source {name})")
         return cache_dir, _summary(total, 0, 0.0)
 
-    jobs = ShardJobs(pending, owners, SOURCES[name].needs_instances)
     trainer = Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -190,12 +199,13 @@ def precompute_superpixels(
         use_distributed_sampler=False,
     )
     start = time.perf_counter()
-    trainer.predict(SuperpixelPredictor(build_cfg, jobs), return_predictions=False)
+    shard_jobs = ShardJobs(jobs, request.owners, SOURCES[name].needs_instances)
+    trainer.predict(SuperpixelPredictor(build_cfg, shard_jobs), return_predictions=False)
     trainer.strategy.barrier("superpixel shards written")
     seconds = time.perf_counter() - start
-    summary = _summary(total, sum(len(ids) for _, ids in pending), seconds)
+    summary = _summary(total, sum(len(job.image_ids) for job in jobs), seconds)
     if trainer.is_global_zero:
-        SuperpixelStore(cache_dir)
+        SuperpixelStore(cache_dir, request.files)
         _say(
             progress,
             f"superpixels {name}: {summary['images_computed']} images in {seconds:.1f} s "
@@ -211,32 +221,34 @@ def ensure_superpixel_cache(
     shard_size: int = DEFAULT_SHARD_SIZE,
     **trainer_kwargs: Any,
 ) -> SuperpixelStore:
-    """Open the cache for these datasets and source, precomputing what is missing first (shards
-    are checked for presence; `svp precompute` checks their checksums)."""
+    """Open the store for these data sets (one image set) and source, precomputing what is
+    missing first (shards are checked for presence; `svp precompute` checks their checksums)."""
     cache_dir, _ = precompute_superpixels(
         datasets, source_cfg, cache_root, shard_size=shard_size, verify=False, **trainer_kwargs
     )
-    return SuperpixelStore(cache_dir)
+    return SuperpixelStore(cache_dir, [i for ds in datasets for i in ds.image_ids])
 
 
 class ShardJobs(Dataset):
-    """Pending shards as items: the shard index, its image ids, images and instance masks."""
+    """Shard jobs as items: the part and shard, its image ids, images and instance masks."""
 
     def __init__(
         self,
-        shards: list[tuple[int, list]],
+        jobs: list[ShardJob],
         owners: Mapping[Hashable, ImageDataset],
         with_instances: bool,
     ) -> None:
-        self.shards, self.owners, self.with_instances = shards, owners, with_instances
+        self.jobs, self.owners, self.with_instances = jobs, owners, with_instances
 
     def __len__(self) -> int:
-        return len(self.shards)
+        return len(self.jobs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        shard, ids = self.shards[index]
+        job = self.jobs[index]
+        ids = job.image_ids
         return {
-            "shard": shard,
+            "part": job.part,
+            "shard": job.shard,
             "image_ids": ids,
             "images": [self.owners[i].load_image(i) for i in ids],
             "instances": [
@@ -268,7 +280,7 @@ class SuperpixelPredictor(LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         items = zip(batch["image_ids"], batch["images"], batch["instances"])
         labels = [self._partition(image_id, image, masks) for image_id, image, masks in items]
-        return {"shard": batch["shard"], "image_ids": batch["image_ids"], "labels": labels}
+        return {**{k: batch[k] for k in ("part", "shard", "image_ids")}, "labels": labels}
 
     def _partition(self, image_id: Hashable, image: np.ndarray, masks: Any) -> np.ndarray:
         labels = self.source(image, masks)
@@ -298,7 +310,7 @@ class ShardWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        path = shard_path(self.cache_dir, prediction["shard"])
+        path = shard_path(self.cache_dir, prediction["part"], prediction["shard"])
         write_shard(path, prediction["image_ids"], prediction["labels"])
 
 
@@ -315,6 +327,10 @@ def _only_item(items: list[dict[str, Any]]) -> dict[str, Any]:
 def _say(enabled: bool, message: str) -> None:
     if enabled:
         print(message, flush=True)
+
+
+def _instances_file(ds: ImageDataset) -> Path:
+    return Path(ds.root) / ds.dataset / "instances.json"
 
 
 def _file_sha256(path: Path) -> str:

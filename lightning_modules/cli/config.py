@@ -31,6 +31,10 @@ class DataConfig:
     split_by: str = "unc"
     train_split: str = "train"
     eval_splits: list[str] = field(default_factory=lambda: ["val", "testA", "testB"])
+    # training drawn from several data sets by sample rates, as LISA: {refcoco: 1, refcoco+: 1,
+    # refcocog: 1} (datamodules/mix.py); null trains on `dataset` alone. Evaluation stays on
+    # `dataset`. Typed Any: a Dict[str, float] node would refuse new keys from the command line
+    mix: Any = None
     batch_size: int = 16
     eval_batch_size: int = 32
     num_workers: int = 0
