@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -146,6 +147,11 @@ class RISModel(pl.LightningModule):
             raise RuntimeError(f"the processes ended with different weights: {digests}")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # each step draws its random numbers from (seed, epoch, batch), as the data order is
+        # drawn from (seed, epoch): a run resumed from a checkpoint goes on as one that never
+        # stopped, whatever else drew from the global generator in between
+        key = [self.cfg.seed, self.current_epoch, batch_idx]
+        torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
         out = self(batch)
         losses = self.losses(out, batch)
         bs = len(batch["images"])

@@ -581,3 +581,45 @@ def test_gradient_accumulation_steps_every_n_batches(synthref_root, tiny_sam_che
     last = Path(metrics["run_dir"]) / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["global_step"] == 2  # 4 batches, an optimizer step every 2
+
+
+def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_training_killed_then_resumed_equals_an_uninterrupted_run(
+    synthref_root, tiny_sam_checkpoint, tmp_path
+):
+    """SIGKILL `svp train` once its first epoch is saved, rerun with `ckpt_path=last`: the final
+    weights and metrics equal those of a run that never stopped (same seed, 1 thread)."""
+    import signal
+    import time
+
+    overrides = tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path, "semantic")
+    overrides += ["superpixels=grid", "superpixels.k=4", "trainer.threads=1"]
+    overrides += ["trainer.max_epochs=3", "trainer.limit_train_batches=3"]
+    overrides += ["trainer.limit_val_batches=1", "data.limit_test_sentences=8"]
+    whole = _svp("train", *overrides, "name=whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    argv = [sys.executable, "-m", "lightning_modules.cli", "train", *overrides, "name=killed"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    run = tmp_path / "killed" / "semantic-seed0"
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # in the second epoch, with the first one saved
+    assert proc.wait(60) == -signal.SIGKILL and not (run / "metrics.json").exists()
+    resumed = _svp("train", *overrides, "name=killed", "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    done = tmp_path / "whole" / "semantic-seed0"
+    a, b = _tensors(done / "checkpoints" / "last.ckpt"), _tensors(last)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = [json.loads((r / "metrics.json").read_text()) for r in (done, run)]
+    for key in ("val_ciou", "val_giou", "testA_ciou", "testB_ciou", "epochs"):
+        assert metrics[0][key] == metrics[1][key], key
