@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from refer_fixture import write_synthref_as_refcoco
 from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -117,11 +118,16 @@ def llava_dir(synthref_root, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def refer_root(synthref_root, tmp_path_factory) -> Path:
+    """RefCOCO/+/g in the REFER layout, made of the tiny SynthRef's files."""
+    return write_synthref_as_refcoco(synthref_root, tmp_path_factory.mktemp("refer"))
+
+
 def _preset(root, sam, runs, llm: Path, vision: Path, projector: str = "mlp") -> list[str]:
-    """`preset=llava7b` with only the paths, the data root and the widths set."""
+    """`preset=llava7b` (RefCOCO) with only the paths, the data root and the widths set."""
     return [
         "preset=llava7b",
-        "data=synthref",
         f"data.root={root}",
         f"runs_root={runs}",
         f"projector={projector}",
@@ -137,7 +143,7 @@ def _model(root, sam, runs, llm, vision, projector="mlp"):
     cfg = load_config([*_preset(root, sam, runs, llm, vision, projector), "trainer=cpu"])
     tokenizer = tokenizer_for(cfg)
     model = RISModel(cfg, tokenizer)
-    refer = ReferDataset(str(root), "synthref", "unc", "train")
+    refer = ReferDataset(str(root), "refcoco", "unc", "train")
     grid = SOURCES["grid"]({"name": "grid", "k": 3})  # 9 superpixels for `semantic`
     items = []
     for i in range(3):
@@ -150,9 +156,9 @@ def _model(root, sam, runs, llm, vision, projector="mlp"):
 
 
 def test_vicuna_with_lora_bf16_and_float32_master_weights(
-    synthref_root, tiny_sam_checkpoint, tmp_path, vicuna_dir, clip_dir
+    refer_root, tiny_sam_checkpoint, tmp_path, vicuna_dir, clip_dir
 ):
-    model, batch = _model(synthref_root, tiny_sam_checkpoint, tmp_path, vicuna_dir, clip_dir)
+    model, batch = _model(refer_root, tiny_sam_checkpoint, tmp_path, vicuna_dir, clip_dir)
     assert "[SEG]" in model.tokenizer.get_vocab() and "<image>" in model.tokenizer.get_vocab()
     assert model.tower.grid_size == (24, 24)  # 336 px / patch 14, both from the checkpoint
 
@@ -177,10 +183,10 @@ def test_vicuna_with_lora_bf16_and_float32_master_weights(
 
 
 def test_llava_checkpoint_gives_llm_tower_and_mlp(
-    synthref_root, tiny_sam_checkpoint, tmp_path, llava_dir
+    refer_root, tiny_sam_checkpoint, tmp_path, llava_dir
 ):
     """One LLaVA folder: its LLM (with lm_head), its CLIP tower and its trained projector."""
-    model, batch = _model(synthref_root, tiny_sam_checkpoint, tmp_path, llava_dir, llava_dir)
+    model, batch = _model(refer_root, tiny_sam_checkpoint, tmp_path, llava_dir, llava_dir)
     llava = LlavaForConditionalGeneration.from_pretrained(llava_dir)
     proj = llava.model.multi_modal_projector
     assert torch.equal(model.projector.mlp[0].weight, proj.linear_1.weight)
@@ -202,10 +208,10 @@ def test_llava_checkpoint_gives_llm_tower_and_mlp(
 
 @pytest.mark.parametrize("projector", sorted(set(PROJECTORS) - {"mlp"}))
 def test_every_projector_trains_on_a_llava_checkpoint(
-    projector, synthref_root, tiny_sam_checkpoint, tmp_path, llava_dir
+    projector, refer_root, tiny_sam_checkpoint, tmp_path, llava_dir
 ):
     model, batch = _model(
-        synthref_root, tiny_sam_checkpoint, tmp_path, llava_dir, llava_dir, projector
+        refer_root, tiny_sam_checkpoint, tmp_path, llava_dir, llava_dir, projector
     )
     model.losses(model(batch), batch)["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -233,10 +239,10 @@ SHORT = [
 
 @pytest.mark.parametrize("checkpoint", ["vicuna", "llava"])
 def test_llava7b_preset_trains_validates_tests_and_resumes(
-    checkpoint, synthref_root, tiny_sam_checkpoint, tmp_path, vicuna_dir, clip_dir, llava_dir
+    checkpoint, refer_root, tiny_sam_checkpoint, tmp_path, vicuna_dir, clip_dir, llava_dir
 ):
     llm, vision = (vicuna_dir, clip_dir) if checkpoint == "vicuna" else (llava_dir, llava_dir)
-    preset = _preset(synthref_root, tiny_sam_checkpoint, tmp_path, llm, vision, "semantic")
+    preset = _preset(refer_root, tiny_sam_checkpoint, tmp_path, llm, vision, "semantic")
     first = _svp("train", *preset, "trainer=cpu", *SHORT)
     assert first.returncode == 0, first.stderr[-3000:]
     run = tmp_path / "llava7b" / "semantic-seed0"
@@ -251,12 +257,12 @@ def test_llava7b_preset_trains_validates_tests_and_resumes(
 
 @pytest.mark.slow
 def test_llava7b_preset_trains_with_two_processes(
-    synthref_root, tiny_sam_checkpoint, tmp_path, vicuna_dir, clip_dir
+    refer_root, tiny_sam_checkpoint, tmp_path, vicuna_dir, clip_dir
 ):
     """`trainer=ddp_cpu` (2 gloo processes) trains the real-format rehearsal, the ranks end with
     the same weights (checked at the end of fit), and its 2-process evaluation equals the
     1-process one."""
-    preset = _preset(synthref_root, tiny_sam_checkpoint, tmp_path, vicuna_dir, clip_dir)
+    preset = _preset(refer_root, tiny_sam_checkpoint, tmp_path, vicuna_dir, clip_dir)
     proc = _svp("train", *preset, "trainer=ddp_cpu", *SHORT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "llava7b" / "mlp-seed0"
@@ -279,10 +285,10 @@ def test_llava7b_preset_trains_with_two_processes(
 
 
 def test_ranks_that_diverged_are_an_error(
-    synthref_root, tiny_sam_checkpoint, tmp_path, vicuna_dir, clip_dir, monkeypatch
+    refer_root, tiny_sam_checkpoint, tmp_path, vicuna_dir, clip_dir, monkeypatch
 ):
     """The end-of-fit check compares the trainable weights of every rank."""
-    model, _ = _model(synthref_root, tiny_sam_checkpoint, tmp_path, vicuna_dir, clip_dir)
+    model, _ = _model(refer_root, tiny_sam_checkpoint, tmp_path, vicuna_dir, clip_dir)
     model._trainer = SimpleNamespace(world_size=2)
     same = []
     monkeypatch.setattr(model, "_gather", lambda values: same.extend(values) or values * 2)

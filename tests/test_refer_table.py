@@ -3,37 +3,11 @@
 from __future__ import annotations
 
 import csv
-import pickle
-import shutil
-from pathlib import Path
 
 from conftest import tiny_run_overrides
+from refer_fixture import write_synthref_as_refcoco
 
 from lightning_modules.cli import main
-
-
-def _refer_root(synthref: Path, root: Path) -> Path:
-    """RefCOCO, RefCOCO+ (unc: val, testA, testB) and RefCOCOg (umd: val, test) in the REFER
-    layout, made of the tiny SynthRef's files; the images where COCO's live."""
-    images = root / "images" / "mscoco" / "images" / "train2014"
-    images.parent.mkdir(parents=True)
-    shutil.copytree(synthref / "images" / "synthref", images)
-    refs = pickle.loads((synthref / "synthref" / "refs(unc).p").read_bytes())
-    for dataset, split_by, rename in (
-        ("refcoco", "unc", {}),
-        ("refcoco+", "unc", {}),
-        ("refcocog", "umd", {"testA": "test", "testB": None}),
-    ):
-        folder = root / dataset
-        folder.mkdir()
-        shutil.copy(synthref / "synthref" / "instances.json", folder / "instances.json")
-        kept = []
-        for ref in refs:
-            split = rename.get(ref["split"], ref["split"])
-            if split is not None:
-                kept.append({**ref, "split": split})
-        (folder / f"refs({split_by}).p").write_bytes(pickle.dumps(kept))
-    return root
 
 
 def test_table_covers_every_split_present(synthref_root, tiny_sam_checkpoint, tmp_path, capsys):
@@ -42,7 +16,7 @@ def test_table_covers_every_split_present(synthref_root, tiny_sam_checkpoint, tm
     overrides += ["trainer.limit_val_batches=1", "data.limit_test_sentences=4"]
     assert main(["train", *overrides]) == 0
     config = tmp_path / "tiny" / "mlp-seed0" / "config.yaml"
-    root = _refer_root(synthref_root, tmp_path / "refer")
+    root = write_synthref_as_refcoco(synthref_root, tmp_path / "refer")
     assert main(["eval", "--config", str(config), "--table", f"data.root={root}"]) == 0
     run = config.parent
     with open(run / "refer-table.csv", newline="") as f:
