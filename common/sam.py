@@ -3,10 +3,18 @@
 Checkpoints are SAM's own format, a plain ``state_dict()`` loadable by ``segment_anything``'s
 classes. A custom checkpoint ``<name>.pth`` keeps the `SamConfig` that built it in the sidecar
 ``<name>.json`` beside it; the official sizes need no sidecar.
+
+The checkpoint ``"random"`` builds an official-shape SAM with random weights, and only inside
+`random_weights_allowed()` (what `svp bench` uses to measure time and memory at real shape without
+a download); anywhere else it is an error, so no run trains or segments with an untrained SAM.
 """
 
 import json
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -25,6 +33,8 @@ from common.errors import ConfigError
 from common.files import atomic_write, write_json
 
 MODEL_TYPES = ("custom", "vit_b", "vit_l", "vit_h")
+RANDOM_WEIGHTS = "random"
+_random_allowed: ContextVar[bool] = ContextVar("random_sam_allowed", default=False)
 
 
 @dataclass
@@ -198,17 +208,49 @@ def _fit_state_dict(model: Sam, state: dict, checkpoint: Path, model_type: str) 
     model.load_state_dict(state, strict=True)
 
 
+@contextmanager
+def random_weights_allowed() -> Iterator[None]:
+    """Inside, `load_sam` takes the checkpoint ``"random"``: for measuring, never for training."""
+    token = _random_allowed.set(True)
+    try:
+        yield
+    finally:
+        _random_allowed.reset(token)
+
+
+def _random_sam(model_type: str) -> Sam:
+    if not _random_allowed.get():
+        raise ConfigError(
+            f"SAM checkpoint {RANDOM_WEIGHTS!r} means random weights, which only `svp bench` "
+            "takes (it measures time and memory, not masks); point the checkpoint key at a "
+            "trained SAM (`svp train-sam`, or a downloaded sam_vit_*.pth)"
+        )
+    if model_type == "custom":
+        raise ConfigError(
+            f"SAM checkpoint {RANDOM_WEIGHTS!r} needs an official model_type (vit_b, vit_l or "
+            "vit_h): a custom SAM's sizes live in the sidecar json of its checkpoint"
+        )
+    warnings.warn(
+        f"SAM {model_type} with random weights (checkpoint {RANDOM_WEIGHTS!r}): its masks mean "
+        "nothing; it serves to measure time and memory",
+        stacklevel=3,
+    )
+    return build_sam(SamConfig(model_type=model_type))
+
+
 def load_sam(checkpoint: str | os.PathLike, model_type: str = "custom") -> Sam:
     """Load a SAM-format checkpoint; ``custom`` rebuilds the architecture from its sidecar json.
 
     The model is built on the meta device and filled from the file, skipping the random init
-    (seconds for ViT-H on CPU).
+    (seconds for ViT-H on CPU). ``"random"``: see the module docstring.
     """
     path = Path(checkpoint)
     if model_type not in MODEL_TYPES:
         raise ConfigError(
             f"SAM model_type={model_type!r} is unknown; use one of {', '.join(MODEL_TYPES)}"
         )
+    if str(checkpoint) == RANDOM_WEIGHTS:
+        return _random_sam(model_type)
     if not path.is_file():
         raise ConfigError(
             f"SAM checkpoint {path} does not exist; train a small one with `svp train-sam` "

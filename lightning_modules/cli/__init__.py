@@ -177,7 +177,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from lightning_modules.cli.stages import run_bench
 
-    run_bench(_load(args))
+    projectors = [p for p in args.projectors.split(",") if p] if args.projectors else None
+    run_bench(_load(args), projectors, args.repeats, not args.no_baselines)
     return 0
 
 
@@ -336,7 +337,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("sweep", "Run an Optuna sweep (sweep.space=<name>).", cmd_sweep)
     add("report", "Write the Pareto report of a study (sweep.name=<study>).", cmd_report)
-    add("bench", "Measure tokens, step time and latency per projector.", cmd_bench)
+    p = add(
+        "bench",
+        "Measure tokens, train step, tokens/s, latency and peak memory per projector.",
+        cmd_bench,
+        description="Trivial baselines, then per projector on one eval batch: visual tokens, LLM "
+        "sequence length, train step time, LLM tokens per second in it, inference latency, peak "
+        "memory and projector parameters. Runs on trainer.accelerator (gpu: cuda) at "
+        "trainer.precision (32-true or bf16-mixed). `model=shape7b` builds the llava7b shape "
+        "with random weights (LLaMA-7B, CLIP-L/336, SAM ViT-H); reduce it with overrides, e.g. "
+        "llm.num_hidden_layers=1.",
+    )
+    p.add_argument(
+        "--projectors",
+        help="comma-separated projectors to measure, e.g. mlp,semantic (default: every one)",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measure (default: 3)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the trivial baselines table")
     add("demo", "The offline end-to-end demo (what `make demo` runs).", cmd_demo)
     dg = sub.add_parser(
         "diagnose",
