@@ -189,3 +189,23 @@ def test_two_process_ddp_training_with_a_mix(refer_root, tiny_sam_checkpoint, tm
     run = tmp_path / "tiny" / "mlp-seed0"
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 3
+
+
+def test_precompute_covers_every_mixed_data_set(synthref_root, tmp_path):
+    """`svp precompute` with a mix builds what training reads, so a multi-process run (which
+    refuses to start without its caches) can follow it."""
+    import pickle
+
+    from lightning_modules.cli import main
+
+    root = write_synthref_as_refcoco(synthref_root, tmp_path / "refer")
+    refs_file = root / "refcoco" / "refs(unc).p"
+    refs = pickle.loads(refs_file.read_bytes())
+    only_in_refcocog = next(r["image_id"] for r in refs if r["split"] == "train")
+    refs_file.write_bytes(pickle.dumps([r for r in refs if r["image_id"] != only_in_refcocog]))
+    overrides = [f"data.root={root}", "data.dataset=refcoco", f"runs_root={tmp_path}"]
+    overrides += [f"cache.root={tmp_path / 'cache'}", "projector=semantic", "superpixels=grid"]
+    overrides += ["data.mix={refcocog: 1}"]  # refcocog's train split is not among refcoco's
+    assert main(["precompute", *overrides]) == 0
+    cfg = load_config(overrides)
+    assert RISDataModule(cfg, tokenizer_for(cfg)).superpixels_ready()

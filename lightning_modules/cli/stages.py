@@ -99,25 +99,30 @@ def cache_splits(cfg: DictConfig, splits: list[str] | None = None) -> list[str]:
 
 def run_precompute(cfg: DictConfig, splits: list[str] | None = None, progress: bool = True):
     from common.threads import use_threads
-    from datamodules.superpixels.precompute import precompute_superpixels
+    from datamodules.ris import RISDataModule
+    from datamodules.superpixels.precompute import by_image_set, precompute_superpixels
 
     # SAM inference on another thread count can flip a mask at the stability threshold
     use_threads(cfg.trainer.threads, "trainer.threads")
     require_data(cfg)
     datasets = [_refer(cfg, s) for s in cache_splits(cfg, splits)]
+    if splits is None and cfg.data.get("mix"):  # and the train splits of every mixed data set
+        mixed = RISDataModule(cfg, None).superpixel_datasets()
+        datasets += [ds for ds in mixed if ds.dataset != cfg.data.dataset]
     t = cfg.trainer
-    cache_dir, summary = precompute_superpixels(
-        datasets,
-        source_config(cfg),
-        cfg.cache.root,
-        shard_size=cfg.cache.shard_size,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        num_nodes=t.num_nodes,
-        progress=progress,
-    )
-    print(f"superpixel cache: {cache_dir}")
+    for group in by_image_set(datasets, source_config(cfg)):
+        cache_dir, summary = precompute_superpixels(
+            group,
+            source_config(cfg),
+            cfg.cache.root,
+            shard_size=cfg.cache.shard_size,
+            accelerator=t.accelerator,
+            devices=t.devices,
+            strategy=t.strategy,
+            num_nodes=t.num_nodes,
+            progress=progress,
+        )
+        print(f"superpixel cache: {cache_dir}")
     return cache_dir, summary
 
 
