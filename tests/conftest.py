@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ import torch
 from common.sam import SamConfig
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parent.parent
 
 TINY_SYNTH = dict(train_images=24, val_images=8, testA_images=6, testB_images=6, image_size=64)
 
@@ -72,3 +76,15 @@ def tiny_run_overrides(root: Path, sam: Path, runs: Path, projector: str = "mlp"
         "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false",
     ]
+
+
+def run_svp(*argv: str) -> subprocess.CompletedProcess:
+    """`svp <argv>` in a fresh process from the repository root (output captured)."""
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_modules.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=600,
+    )

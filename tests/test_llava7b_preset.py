@@ -6,14 +6,12 @@ tokenizer, CLIP at patch 14 / 336 px, and SAM in its official state-dict layout.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_svp
 from refer_fixture import write_synthref_as_refcoco
 from transformers import (
     CLIPVisionConfig,
@@ -33,7 +31,6 @@ from lightning_modules.llm import tokenizer_for
 from lightning_modules.projectors import PROJECTORS
 from lightning_modules.ris_model import RISModel
 
-REPO = Path(__file__).resolve().parent.parent
 TINY_CLIP = dict(
     hidden_size=32,
     intermediate_size=64,
@@ -218,17 +215,6 @@ def test_every_projector_trains_on_a_llava_checkpoint(
     assert missing == []
 
 
-def _svp(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_modules.cli", *argv],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=600,
-    )
-
-
 SHORT = [
     "trainer.max_steps=2",
     "trainer.limit_val_batches=1",
@@ -243,12 +229,14 @@ def test_llava7b_preset_trains_validates_tests_and_resumes(
 ):
     llm, vision = (vicuna_dir, clip_dir) if checkpoint == "vicuna" else (llava_dir, llava_dir)
     preset = _preset(refer_root, tiny_sam_checkpoint, tmp_path, llm, vision, "semantic")
-    first = _svp("train", *preset, "trainer=cpu", *SHORT)
+    first = run_svp("train", *preset, "trainer=cpu", *SHORT)
     assert first.returncode == 0, first.stderr[-3000:]
     run = tmp_path / "llava7b" / "semantic-seed0"
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"val_ciou", "testA_ciou", "testB_ciou"} <= set(metrics)
-    resumed = _svp("train", *preset, "trainer=cpu", *SHORT, "trainer.max_steps=4", "ckpt_path=last")
+    resumed = run_svp(
+        "train", *preset, "trainer=cpu", *SHORT, "trainer.max_steps=4", "ckpt_path=last"
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 4
@@ -263,7 +251,7 @@ def test_llava7b_preset_trains_with_two_processes(
     the same weights (checked at the end of fit), and its 2-process evaluation equals the
     1-process one."""
     preset = _preset(refer_root, tiny_sam_checkpoint, tmp_path, vicuna_dir, clip_dir)
-    proc = _svp("train", *preset, "trainer=ddp_cpu", *SHORT)
+    proc = run_svp("train", *preset, "trainer=ddp_cpu", *SHORT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "llava7b" / "mlp-seed0"
     results = {}
@@ -275,7 +263,7 @@ def test_llava7b_preset_trains_with_two_processes(
             "--ckpt",
             str(run / "checkpoints" / "last.ckpt"),
         ]
-        proc = _svp(*ev)
+        proc = run_svp(*ev)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[trainer] = json.loads((run / "eval-last.json").read_text())
     for split in ("val", "testA", "testB"):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_run_overrides
+from conftest import run_svp, tiny_run_overrides
 
 from datamodules.refer import ReferDataset
 from datamodules.ris import PromptEncoder, RISCollate, resize_labels
@@ -440,17 +440,6 @@ def test_feature_cache_keys_name_the_data_set(synthref_root, tiny_sam_checkpoint
     assert moved.mask_decoder.image_features.key != first.mask_decoder.image_features.key
 
 
-def _svp(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_modules.cli", *argv],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=600,
-    )
-
-
 def _ddp_train(root, sam, runs, projector: str) -> list[str]:
     overrides = tiny_run_overrides(root, sam, runs, projector)
     if projector == "mlp":
@@ -464,7 +453,7 @@ def test_several_processes_without_a_superpixel_cache_refuse_to_start(
 ):
     """One rank would build the cache while the others wait (hours with ViT-H): refuse, and
     name the command that builds it with every process."""
-    refused = _svp(*_ddp_train(synthref_root, tiny_sam_checkpoint, tmp_path, "semantic"))
+    refused = run_svp(*_ddp_train(synthref_root, tiny_sam_checkpoint, tmp_path, "semantic"))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "\nerror: " in "\n" + refused.stderr and "svp precompute trainer=ddp" in refused.stderr
     assert not (tmp_path / "tiny").exists()
@@ -476,8 +465,8 @@ def test_two_process_ddp_training(projector, synthref_root, tiny_sam_checkpoint,
     parameter takes part in the loss (DDP refuses otherwise) and the run is saved once."""
     if projector == "semantic":  # its superpixel cache first, as the refusal above asks
         overrides = tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path, projector)
-        assert _svp("precompute", *overrides).returncode == 0
-    proc = _svp(*_ddp_train(synthref_root, tiny_sam_checkpoint, tmp_path, projector))
+        assert run_svp("precompute", *overrides).returncode == 0
+    proc = run_svp(*_ddp_train(synthref_root, tiny_sam_checkpoint, tmp_path, projector))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "tiny" / f"{projector}-seed0"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -599,7 +588,7 @@ def test_training_killed_then_resumed_equals_an_uninterrupted_run(
     overrides += ["superpixels=grid", "superpixels.k=4", "trainer.threads=1"]
     overrides += ["trainer.max_epochs=3", "trainer.limit_train_batches=3"]
     overrides += ["trainer.limit_val_batches=1", "data.limit_test_sentences=8"]
-    whole = _svp("train", *overrides, "name=whole")
+    whole = run_svp("train", *overrides, "name=whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     argv = [sys.executable, "-m", "lightning_modules.cli", "train", *overrides, "name=killed"]
@@ -614,7 +603,7 @@ def test_training_killed_then_resumed_equals_an_uninterrupted_run(
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # in the second epoch, with the first one saved
     assert proc.wait(60) == -signal.SIGKILL and not (run / "metrics.json").exists()
-    resumed = _svp("train", *overrides, "name=killed", "ckpt_path=last")
+    resumed = run_svp("train", *overrides, "name=killed", "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     done = tmp_path / "whole" / "semantic-seed0"
