@@ -264,6 +264,11 @@ def test_train_fast_dev_run_every_projector(
     assert metrics["tokens_mean"] > 0
     if projector == "semantic":
         assert metrics["tokens_mean"] <= 16
+    # TensorBoard's hparams view: the projector, its token budget and the final metrics
+    hparams, metric_tags = _hparams(metrics["tensorboard"])
+    assert hparams["projector.name"] == projector
+    assert hparams["token_budget"] == metrics["token_budget"] != ""
+    assert {"final/val_ciou", "final/testB_ciou", "final/tokens_mean"} <= metric_tags
 
 
 @pytest.mark.parametrize("projector", sorted(PROJECTORS))
@@ -301,6 +306,21 @@ def _event_tags(log_dir: str) -> set[str]:
     acc.Reload()
     tags = acc.Tags()
     return set(tags["scalars"]) | set(tags["images"])
+
+
+def _hparams(log_dir: str) -> tuple[dict, set[str]]:
+    """The hparams (name → value) and metric tags a run's TensorBoard event files hold."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    values = {}
+    for name, value in start.session_start_info.hparams.items():
+        values[name] = getattr(value, value.WhichOneof("kind"))
+    return values, set(acc.Tags()["scalars"])
 
 
 @pytest.mark.slow

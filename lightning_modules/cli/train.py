@@ -23,6 +23,8 @@ from lightning_modules.metrics import SPLIT_METRICS
 
 HPARAM_KEYS = (
     "projector",
+    "grounding.weight",
+    "grounding.pointer",
     "superpixels.name",
     "vision.name",
     "llm.hidden_size",
@@ -34,9 +36,10 @@ HPARAM_KEYS = (
 )
 
 
-def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The config keys a sweep varies, flattened to scalars for TensorBoard's hparams tab."""
-    out: dict[str, Any] = {}
+def flat_hparams(cfg: DictConfig, token_budget: str | None = None) -> dict[str, Any]:
+    """The config keys a sweep varies, flattened to scalars for TensorBoard's hparams tab, with
+    the projector's token budget (e.g. `k=4`, `K<=32`) when given."""
+    out: dict[str, Any] = {} if token_budget is None else {"token_budget": token_budget}
     for key in HPARAM_KEYS:
         node = OmegaConf.select(cfg, key)
         if isinstance(node, DictConfig):
@@ -174,7 +177,7 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
         metrics["tokens_p95"] = metrics[f"{first}_tokens_p95"]
     numeric = {f"final/{k}": v for k, v in metrics.items() if isinstance(v, float)}
     if trainer.is_global_zero:
-        logger.log_hyperparams(flat_hparams(cfg), numeric)
+        logger.log_hyperparams(flat_hparams(cfg, model.projector.token_budget), numeric)
         logger.finalize("success")
         write_json(run_dir / "metrics.json", metrics, sort_keys=True)
     return metrics
