@@ -243,10 +243,16 @@ class Sequence(NamedTuple):
 
 
 def build_sequence(
-    llm, tokens: torch.Tensor, token_mask: torch.Tensor, batch: dict, image_id: int, seg_id: int
+    llm,
+    tokens: torch.Tensor,
+    token_mask: torch.Tensor,
+    batch: dict,
+    image_id: int,
+    seg_id: int | None,
 ) -> Sequence:
     """Splice each sample's own visual tokens (`tokens` B×N×D where `token_mask`) in place of its
-    `<image>` token and pad on the right, so every sample keeps its own number of tokens."""
+    `<image>` token and pad on the right, so every sample keeps its own number of tokens. With
+    `seg_id` None (alignment conversations) no [SEG] is looked for and `seg_pos` is all −1."""
     embed = llm.get_input_embeddings()
     ids, labels, lengths = batch["input_ids"], batch["text_labels"], batch["text_lengths"]
     seqs, labs, seg_pos = [], [], []
@@ -261,6 +267,9 @@ def build_sequence(
         seqs.append(torch.cat([text[:k], vis.to(text.dtype), text[k + 1 :]]))
         fill = torch.full((vis.shape[0],), -100, dtype=labels.dtype, device=labels.device)
         labs.append(torch.cat([labels[b, :k], fill, labels[b, k + 1 : len(row)]]))
+        if seg_id is None:
+            seg_pos.append(-1)
+            continue
         seg = (torch.cat([row[:k], fill, row[k + 1 :]]) == seg_id).nonzero()
         if len(seg) == 0:
             raise ValueError(f"sample {b}: the answer has no [SEG] token")
@@ -333,9 +342,15 @@ def tokenizer_texts(cfg: DictConfig) -> list[str]:
     return texts
 
 
-def tokenizer_for(cfg: DictConfig, save_dir: str | Path | None = None):
-    """A real model's own tokenizer (llm.path / llm.tokenizer_path) or a tiny one trained on the
-    data set's words, saved in (and, once there, read back from) `save_dir`."""
+def tokenizer_for(
+    cfg: DictConfig,
+    save_dir: str | Path | None = None,
+    extra_texts: list[str] = (),
+    aligned: str | Path | None = None,
+):
+    """A real model's own tokenizer (llm.path / llm.tokenizer_path), else the one saved in
+    `save_dir`, else an `svp align` folder's (`aligned`), else a tiny one trained on the data
+    set's words and `extra_texts`, saved in `save_dir`."""
     source = cfg.llm.tokenizer_path or cfg.llm.path
     if source:
         tok = load_tokenizer(source)
@@ -344,4 +359,9 @@ def tokenizer_for(cfg: DictConfig, save_dir: str | Path | None = None):
         return tok
     if save_dir is not None and (Path(save_dir) / "tokenizer.json").is_file():
         return load_tokenizer(save_dir)
-    return build_tokenizer(tokenizer_texts(cfg), save_dir)
+    if aligned is not None:
+        tok = load_tokenizer(Path(aligned) / "tokenizer")
+        if save_dir is not None:
+            tok.save_pretrained(save_dir)
+        return tok
+    return build_tokenizer([*tokenizer_texts(cfg), *extra_texts], save_dir)

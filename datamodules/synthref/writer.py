@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from common.errors import ConfigError, DataError
 from common.files import left_by_dead_process, process_tag
+from datamodules.synthref.conversations import CONVERSATIONS_FILE, synthref_conversations
 from datamodules.synthref.drawing import SHAPES, paint
 from datamodules.synthref.grammar import expression_text
 from datamodules.synthref.resolver import referring_expressions
@@ -230,6 +231,10 @@ def _write(cfg: SynthConfig, out: Path, progress: bool) -> None:
     text = json.dumps(instances, sort_keys=True, separators=(",", ":"))
     paths["instances"].write_text(text, encoding="utf-8")
     paths["refs"].write_bytes(pickle.dumps(refs, protocol=PICKLE_PROTOCOL))
+    # image–text conversations about the train images, for the alignment stage (`svp align`)
+    conversations = synthref_conversations(images, annotations, refs)
+    text = json.dumps(conversations, separators=(",", ":"))
+    (paths["annotations"] / CONVERSATIONS_FILE).write_text(text, encoding="utf-8")
 
 
 def _remove_stale_staging(root: Path) -> None:

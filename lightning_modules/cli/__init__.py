@@ -141,6 +141,16 @@ def cmd_superpixels_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_align(args: argparse.Namespace) -> int:
+    from lightning_modules.cli.align import align
+
+    metrics = align(_load(args))
+    print(
+        f"aligned: {metrics['out']} (val text loss {metrics.get('align/val_ce', float('nan')):.3f})"
+    )
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lightning_modules.cli.train import train
 
@@ -320,6 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "--out", default=None, help="output folder (default: runs/superpixels/<source>)"
             )
 
+    p = add(
+        "align",
+        "Stage 1, as LLaVA's: align the projector (align.train_llm: and the LLM) on image-text "
+        "conversations in LLaVA's JSON format (align.data); `svp train "
+        "align.checkpoint=<align.out>` starts from it.",
+        cmd_align,
+    )
+    p.add_argument("--config", help="start from a saved run config.yaml")
     p = add("train", "Train the RIS model (resume with ckpt_path=last).", cmd_train)
     p.add_argument("--config", help="start from a saved run config.yaml")
     p = add("eval", "Evaluate a trained RIS checkpoint on the eval splits.", cmd_eval)

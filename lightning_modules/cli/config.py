@@ -103,6 +103,7 @@ class CacheConfig:
 
 def _component_configs() -> dict[str, type]:
     from datamodules.synthetic import SynthConfig
+    from lightning_modules.alignment import AlignConfig
     from lightning_modules.grounding import GroundingConfig
     from lightning_modules.llm import LLMConfig
     from lightning_modules.sam_pretraining.training import TrainSamConfig
@@ -116,6 +117,7 @@ def _component_configs() -> dict[str, type]:
         "train_sam": TrainSamConfig,
         "sweep": SweepConfig,
         "grounding": GroundingConfig,
+        "align": AlignConfig,
     }
 
 
@@ -140,6 +142,7 @@ def _make_run_schema() -> type:
         ("llm", comps["llm"], field(default_factory=comps["llm"])),
         ("mask_decoder", MaskDecoderConfig, field(default_factory=MaskDecoderConfig)),
         ("grounding", comps["grounding"], field(default_factory=comps["grounding"])),
+        ("align", comps["align"], field(default_factory=comps["align"])),
         ("loss", LossConfig, field(default_factory=LossConfig)),
         ("optim", OptimConfig, field(default_factory=OptimConfig)),
         ("trainer", TrainerConfig, field(default_factory=TrainerConfig)),

@@ -124,6 +124,8 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from datamodules.ris import RISDataModule
+    from lightning_modules.alignment import load_aligned
+    from lightning_modules.cli.align import aligned_folder
     from lightning_modules.llm import tokenizer_for
     from lightning_modules.ris_model import RISModel
 
@@ -131,8 +133,12 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
     check_run_inputs(cfg, training=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = run_dir_for(cfg)
+    aligned = aligned_folder(cfg, run_dir)  # stage 1 (`svp align`), run first with `run`
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     saved = run_dir / "tokenizer"  # a resumed run keeps its tokenizer
-    tokenizer = tokenizer_for(cfg, saved if (saved / "tokenizer.json").is_file() else None)
+    tokenizer = tokenizer_for(
+        cfg, saved if (saved / "tokenizer.json").is_file() else None, aligned=aligned
+    )
     dm = RISDataModule(cfg, tokenizer)
     model = RISModel(cfg, tokenizer)  # the components' own config errors surface here
     ckpt_path = cfg.ckpt_path
@@ -143,6 +149,8 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
             print(f"no {last} to resume from; starting fresh")
     if ckpt_path is not None:
         checkpoint_state(model, ckpt_path, "ckpt_path")
+    elif aligned is not None:
+        load_aligned(model, aligned, cfg)
     # the run folder is written only once everything it describes is known to build
     save_config(cfg, run_dir / "config.yaml")
     tokenizer.save_pretrained(saved)
