@@ -120,7 +120,7 @@ class ConversationDataset(Dataset):
         path = self.index.folder / entry["image"]
         try:
             with Image.open(path) as im:
-                image = np.asarray(im.convert("RGB"))
+                image = np.array(im.convert("RGB"))
         except OSError as e:
             raise DataError(f"conversation {entry.get('id', i)}: cannot read {path} ({e})") from e
         image_id = self.index.ids[entry["image"]]

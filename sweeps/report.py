@@ -73,8 +73,17 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
     return row
 
 
-def pareto_report(study: optuna.Study, out_dir: str | Path, echo: bool = True) -> dict[str, Path]:
-    """Write report.md, trials.csv, pareto.csv and pareto.png to `out_dir`; print the Markdown."""
+def pareto_report(
+    study: optuna.Study,
+    out_dir: str | Path,
+    echo: bool = True,
+    baseline: tuple[str, float] | None = None,
+    budget: list[str] | tuple[str, ...] = (),
+) -> dict[str, Path]:
+    """Write report.md, trials.csv, pareto.csv and pareto.png to `out_dir`; print the Markdown.
+
+    `baseline` (a name and its val cIoU, e.g. the largest-object baseline) is drawn as a line and
+    named, with the trials below it; `budget` lists the overrides every trial trained with."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SURPLUS)]
@@ -91,8 +100,8 @@ def pareto_report(study: optuna.Study, out_dir: str | Path, echo: bool = True) -
     }
     write_csv(paths["trials"], rows, COLUMNS)
     write_csv(paths["pareto"], front, COLUMNS)
-    _plot(paths["plot"], rows, study.study_name)
-    markdown = _markdown(study, trials, rows, front)
+    _plot(paths["plot"], rows, study.study_name, baseline)
+    markdown = _markdown(study, trials, rows, front, baseline, budget)
     atomic_write(paths["markdown"], markdown)
     if echo:
         print(markdown)
@@ -109,7 +118,26 @@ def tokens_ciou_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
-def _markdown(study: optuna.Study, trials, rows, front) -> str:
+def _context(rows, baseline: tuple[str, float] | None, budget) -> list[str]:
+    lines = []
+    if budget:
+        lines.append(f"Every trial trains with: `{' '.join(budget)}`.")
+    if baseline is not None:
+        name, value = baseline
+        done = [r for r in rows if r["state"] == "COMPLETE" and _plottable(r)]
+        below = [str(r["trial"]) for r in done if r["val_ciou"] <= value]
+        lines.append(
+            f"Baseline: {name}, val cIoU {value:.4f}; "
+            + (
+                f"trials at or below it: {', '.join(below)}."
+                if below
+                else "every trial is above it."
+            )
+        )
+    return lines
+
+
+def _markdown(study: optuna.Study, trials, rows, front, baseline=None, budget=()) -> str:
     attrs = study.user_attrs
     objectives = ", ".join(
         f"{d.name.lower()} {m}"
@@ -122,6 +150,7 @@ def _markdown(study: optuna.Study, trials, rows, front) -> str:
         "",
         f"Space `{attrs.get('space', '?')}`; objectives: {objectives}.",
         f"Trials: {len(trials)} ({summary}).",
+        *_context(rows, baseline, budget),
         "",
         f"## Pareto front ({len(front)} trials)",
         "",
@@ -159,7 +188,9 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+def _plot(
+    path: Path, rows: list[dict[str, Any]], title: str, baseline: tuple[str, float] | None = None
+) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
@@ -189,6 +220,17 @@ def _plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         ax.legend(fontsize="small")
     else:
         ax.text(0.5, 0.5, "no completed trials", ha="center", va="center", transform=ax.transAxes)
+    if baseline is not None:
+        ax.axhline(baseline[1], color="grey", linestyle="--", linewidth=1)
+        ax.annotate(
+            f"{baseline[0]} {baseline[1]:.3f}",
+            (0.01, baseline[1]),
+            xycoords=("axes fraction", "data"),
+            textcoords="offset points",
+            xytext=(0, 3),
+            fontsize="x-small",
+            color="grey",
+        )
     ax.set_xlabel("visual tokens per image (mean)")
     ax.set_ylabel("val cIoU")
     ax.set_title(f"{title}: visual tokens vs val cIoU")

@@ -215,8 +215,10 @@ def test_rerank_vote_weight_learns(synthref_root, tiny_sam_checkpoint, tmp_path)
 
 
 def test_grounding_is_plain_lisa_for_footprintless_tokens(
-    synthref_root, tiny_sam_checkpoint, tmp_path
+    synthref_root, tiny_sam_checkpoint, tmp_path, monkeypatch
 ):
+    """A projector whose tokens have no place in the image (none of the seven now)."""
+    monkeypatch.setattr(PROJECTORS["resampler"], "has_regions", False)
     cfg = _cfg(synthref_root, tiny_sam_checkpoint, tmp_path, "resampler")
     with pytest.warns(UserWarning, match="grounding pointer"):
         model = RISModel(cfg, tokenizer_for(cfg))

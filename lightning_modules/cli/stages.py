@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from common.errors import ConfigError, SweepIncomplete
+from common.errors import ConfigError, DataError, SweepIncomplete
 from lightning_modules.cli.inputs import require_data, require_folder
 
 
@@ -198,12 +199,40 @@ def run_sweep_command(cfg: DictConfig):
     sweep_cfg = OmegaConf.to_object(cfg.sweep)
     study = run_sweep(sweep_cfg, make_train_fn(cfg), progress=True)
     out_dir = Path(cfg.runs_root) / study.study_name
-    paths = pareto_report(study, out_dir)
+    paths = pareto_report(study, out_dir, **report_context(cfg))
     _print_where(paths, out_dir)
     problem = unfinished(study, study_size(sweep_cfg))
     if problem:
         raise SweepIncomplete(problem)
     return study
+
+
+def report_context(cfg: DictConfig) -> dict:
+    """What a sweep report names beside its trials: the largest-object baseline on the first
+    eval split (the cIoU a model that ignores the sentence can reach) and the space's training
+    budget (its base overrides)."""
+    from datamodules.ris import _limit
+    from lightning_modules.cli.bench import baseline_predictions
+    from lightning_modules.cli.config import rebase_config
+    from lightning_modules.metrics import ciou
+    from sweeps.space import load_space
+
+    out: dict = {}
+    try:
+        out["budget"] = list(load_space(cfg.sweep.space).base_overrides)
+        trial = rebase_config(OmegaConf.to_container(cfg, resolve=True), out["budget"])
+    except ConfigError:
+        return out
+    if trial.data.eval_splits:
+        split = trial.data.eval_splits[0]
+        with contextlib.suppress(DataError):
+            refer = _refer(trial, split)
+            preds, targets = baseline_predictions(refer, "largest_object")
+            # the sentences the trials are tested on (data.limit_test_sentences)
+            keep = _limit(range(len(preds)), trial.data.limit_test_sentences, trial.seed)
+            preds, targets = [preds[i] for i in keep], [targets[i] for i in keep]
+            out["baseline"] = (f"largest object ({split})", ciou(preds, targets))
+    return out
 
 
 def run_report(cfg: DictConfig) -> dict:
@@ -212,7 +241,7 @@ def run_report(cfg: DictConfig) -> dict:
     name = cfg.sweep.name
     study = load_study(name, storage=cfg.sweep.storage, runs_root=cfg.runs_root)
     out_dir = Path(cfg.runs_root) / name
-    paths = pareto_report(study, out_dir)
+    paths = pareto_report(study, out_dir, **report_context(cfg))
     _print_where(paths, out_dir)
     return paths
 

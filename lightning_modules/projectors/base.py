@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
@@ -222,6 +223,22 @@ class CrossAttention(nn.Module):
         self.v_proj = nn.Linear(kv_dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
+    def _queries_keys(self, x: Tensor, kv: Tensor, key_pos: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Per-head queries B×heads×L×d and keys B×heads×S×d."""
+        b, n_q, dim = x.shape
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        k = self.k_proj(kv)
+        if key_pos is not None:
+            k = k + key_pos
+        q = self.q_proj(x).view(b, n_q, heads, head_dim).transpose(1, 2)
+        return q, k.view(b, -1, heads, head_dim).transpose(1, 2)
+
+    def weights(self, x: Tensor, kv: Tensor, key_pos: Tensor | None = None) -> Tensor:
+        """The attention weights B×L×S (softmax over the keys, mean over the heads), unmasked."""
+        q, k = self._queries_keys(x, kv, key_pos)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        return logits.softmax(-1).mean(1)
+
     def forward(
         self,
         x: Tensor,
@@ -238,13 +255,9 @@ class CrossAttention(nn.Module):
         Returns:
           B×L×dim.
         """
+        q, k = self._queries_keys(x, kv, key_pos)
         b, n_q, dim = x.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
-        k = self.k_proj(kv)
-        if key_pos is not None:
-            k = k + key_pos
-        q = self.q_proj(x).view(b, n_q, heads, head_dim).transpose(1, 2)
-        k = k.view(b, -1, heads, head_dim).transpose(1, 2)
         v = self.v_proj(kv).view(b, -1, heads, head_dim).transpose(1, 2)
         attn_mask = mask.unsqueeze(1) if mask is not None else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

@@ -38,10 +38,11 @@ class ResamplerLayer(nn.Module):
 class ResamplerProjector(Projector):
     """Learnable queries read the patch features (keys carry 2-D sin-cos positions, as Qwen-VL).
 
-    The attention width is `out_dim`; the patches are first projected to it.
+    The attention width is `out_dim`; the patches are first projected to it. A token's footprint
+    is where its query looks: the last layer's attention weights (mean over heads), each cell's
+    weights shared out over the queries, so the grounding pointer serves it as every other
+    projector.
     """
-
-    has_regions = False  # its tokens are learned queries, with no place in the image
 
     @dataclass
     class Config:
@@ -70,9 +71,14 @@ class ResamplerProjector(Projector):
         key_pos = sincos_2d(h, w, self.out_dim, features.device, kv.dtype)
         queries = self.queries.unsqueeze(0).expand(b, -1, -1)
         for layer in self.layers:
+            looking = queries
             queries = layer(queries, kv, key_pos)
         tokens = self.out_proj(self.norm_out(queries))
-        return ProjectorOutput(tokens, full_mask(tokens))  # learned queries: no footprint
+        last = self.layers[-1]
+        with torch.no_grad():  # footprints are read, not trained through
+            attn = last.attn.weights(last.norm_q(looking), kv, key_pos).float()
+        regions = attn / attn.sum(1, keepdim=True).clamp(min=1e-12)
+        return ProjectorOutput(tokens, full_mask(tokens), regions)
 
     def num_tokens(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
         return fixed_count(features, self.cfg.num_queries)
