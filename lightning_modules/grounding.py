@@ -17,7 +17,8 @@ on a pointer (`grounding.weight`, `grounding.pointer`):
   (`rerank_context` encoder layers let candidates and words in order see each other); evaluation
   takes the best candidate.
 
-Projectors whose tokens have no footprint (`resampler`) get LISA's plain path, with a warning.
+A projector whose tokens have no footprint (`has_regions` false; none of the seven) gets LISA's
+plain path, with a warning.
 """
 
 from __future__ import annotations

@@ -114,6 +114,27 @@ def test_multi_objective_study_and_report(tmp_path, capsys):
     assert markdown.strip() in capsys.readouterr().out
 
 
+def test_report_names_the_baseline_and_the_budget(tmp_path):
+    study = run_sweep(_cfg(tmp_path, "compare_projectors", n_trials=3), fake_train, progress=False)
+    values = sorted(t.user_attrs["metrics"]["val_ciou"] for t in study.trials)
+    below = [t.number for t in study.trials if t.user_attrs["metrics"]["val_ciou"] <= values[1]]
+    budget = ["trainer.max_epochs=1", "data.limit_train_sentences=4800"]
+    baseline = ("largest object (val)", values[1])
+    paths = pareto_report(study, tmp_path / "r", echo=False, baseline=baseline, budget=budget)
+    markdown = paths["markdown"].read_text()
+    assert "Every trial trains with: `trainer.max_epochs=1 data.limit_train_sentences=4800`." in (
+        markdown
+    )
+    listed = ", ".join(str(n) for n in below)
+    assert (
+        f"Baseline: largest object (val), val cIoU {values[1]:.4f}; trials at or below it: "
+        f"{listed}." in markdown
+    )
+    top = ("largest object (val)", values[0] - 0.01)
+    paths = pareto_report(study, tmp_path / "r", echo=False, baseline=top)
+    assert "every trial is above it." in paths["markdown"].read_text()
+
+
 def test_resume_adds_missing_trials(tmp_path):
     first = run_sweep(_cfg(tmp_path, "compare_projectors", n_trials=3), fake_train, progress=False)
     params = [t.params for t in first.trials]
