@@ -12,8 +12,9 @@ on a pointer (`grounding.weight`, `grounding.pointer`):
   token, mapped and added to the [SEG] state before the MLP. Training points at one target token
   drawn by weight; evaluation at the top-scored token;
 * **re-ranker** (`grounding.rerank` = K): the masks decoded from the K top-scored tokens (kept
-  apart by `rerank_spread`) are read by the tower's features pooled inside each, their place, size,
-  shape code and the scores' mass inside them, and matched against a bag of the prompt's words
+  apart by `rerank_spread`) are read by the projector's visual tokens pooled inside each (by
+  footprint overlap), their place, size, shape code and the scores' mass inside them, and
+  matched against a bag of the prompt's words
   (`rerank_context` encoder layers let candidates and words in order see each other); evaluation
   takes the best candidate.
 
@@ -122,7 +123,7 @@ class Pointer(nn.Module):
     """The learned parts of the pointer: scores, point code map and the re-ranker."""
 
     def __init__(
-        self, hidden: int, pe_dim: int, feature_dim: int, vocab: int, cfg: GroundingConfig
+        self, hidden: int, pe_dim: int, token_dim: int, vocab: int, cfg: GroundingConfig
     ) -> None:
         super().__init__()
         dim = self.dim = cfg.dim
@@ -132,10 +133,10 @@ class Pointer(nn.Module):
         rerank = cfg.pointer and cfg.rerank > 0
         # the re-ranker's own embedding of each vocabulary token, averaged over the prompt
         self.rerank_words = nn.Embedding(vocab, dim) if rerank else None
-        self.rerank_norm = nn.LayerNorm(feature_dim) if rerank else None
+        self.rerank_norm = nn.LayerNorm(token_dim) if rerank else None
         self.rerank_vote = nn.Parameter(torch.ones(())) if rerank else None  # × log vote mass
-        # pooled features ⊕ centroid point code ⊕ log share of the grid ⊕ geometry and shape code
-        width = feature_dim + pe_dim + 1 + GEOMETRY_DIM + SHAPE_CODE**2
+        # pooled tokens ⊕ centroid point code ⊕ log share of the grid ⊕ geometry and shape code
+        width = token_dim + pe_dim + 1 + GEOMETRY_DIM + SHAPE_CODE**2
         self.rerank_key = (
             nn.Sequential(nn.Linear(width, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
             if rerank
@@ -166,10 +167,10 @@ class Pointer(nn.Module):
         words: tuple[Tensor, Tensor] | None,
     ) -> Tensor:
         """B×K scores of K candidate masks against the words `query` (B×dim, `word_query`): each
-        read by its pooled features B×K×C, centroid point code B×K×P, share of the grid B×K and
-        geometry B×K×G, plus the learned weight × log of `votes` (the scores' softmax mass inside
-        it, `mask_votes`); −inf where not `real`. `words` (`word_states`) feed the context
-        layers."""
+        read by its pooled visual tokens B×K×C (`pool_tokens`), centroid point code B×K×P,
+        share of the grid B×K and geometry B×K×G, plus the learned weight × log of `votes` (the
+        scores' softmax mass inside it, `mask_votes`); −inf where not `real`. `words`
+        (`word_states`) feed the context layers."""
         parts = [self.rerank_norm(pooled), codes, area.clamp(min=1e-4).log()[..., None]]
         keys = self.rerank_key(torch.cat([*parts, geometry.to(pooled.dtype)], -1))
         if len(self.rerank_context):
@@ -215,7 +216,6 @@ class Grounding(nn.Module):
         hidden: int,
         mlp_hidden: int,
         decoder,
-        feature_dim: int,
         vocab: int,
         image_token_id: int,
         has_regions: bool,
@@ -229,7 +229,7 @@ class Grounding(nn.Module):
         self.pointer = None
         if cfg.weight > 0 or cfg.pointer:
             if has_regions:
-                self.pointer = Pointer(hidden, decoder.prompt_dim, feature_dim, vocab, cfg)
+                self.pointer = Pointer(hidden, decoder.prompt_dim, hidden, vocab, cfg)
             else:
                 rank_zero_warn(
                     f"projector {projector!r} has tokens without an image footprint; the "
@@ -256,7 +256,16 @@ class Grounding(nn.Module):
         top = None
         if self.cfg.rerank > 0:
             top, reranked = self._rerank(
-                seg_hidden, logits, feats, codes, centres, regions, batch, cells, decoder
+                seg_hidden,
+                logits,
+                proj.tokens,
+                feats,
+                codes,
+                centres,
+                regions,
+                batch,
+                cells,
+                decoder,
             )
             extra.update(reranked)
         weights = logits.softmax(-1)
@@ -271,7 +280,9 @@ class Grounding(nn.Module):
             weights = F.one_hot(pick, logits.shape[-1]).to(weights.dtype)
         return self.seg_mlp(seg_hidden + head.point_code(weights, codes)), extra
 
-    def _rerank(self, seg_hidden, logits, feats, codes, centres, regions, batch, cells, decoder):
+    def _rerank(
+        self, seg_hidden, logits, tokens, feats, codes, centres, regions, batch, cells, decoder
+    ):
         """The candidates (B×K token indices) and the re-ranker's outputs: `rerank_logits` and,
         given the target's grid cells `cells`, each candidate's grid IoU with it (`rerank_iou`)."""
         head, (h, w) = self.pointer, feats.shape[-2:]
@@ -283,7 +294,7 @@ class Grounding(nn.Module):
                 [F.adaptive_avg_pool2d(m.float()[:, None], (h, w)).flatten(1) for m in masks]
             )
             geometry = torch.stack([mask_geometry(m, SHAPE_CODE) for m in masks])
-        pooled = pool_cells(feats.float().flatten(2).transpose(1, 2), found)
+        pooled = pool_tokens(tokens.float(), regions, found)
         centroid_codes = decoder.point_codes(token_centroids(found, h, w), batch["images"])
         votes = mask_votes(logits.detach().float().softmax(-1), regions, found)
         ids = batch["input_ids"]
@@ -426,11 +437,13 @@ def word_states(table: nn.Embedding, ids: Tensor, keep: Tensor) -> tuple[Tensor,
     return (out + code) * mask[..., None], mask
 
 
-def pool_cells(states: Tensor, cells: Tensor) -> Tensor:
-    """B×K×C: the mean of the B×(h·w)×C grid states over each of K masks (`cells` B×K×(h·w)
-    fractions), each cell weighted by its fraction inside; zeros for an empty mask."""
-    weights = cells / cells.sum(-1, keepdim=True).clamp(min=1e-12)
-    return weights @ states
+def pool_tokens(tokens: Tensor, regions: Tensor, cells: Tensor) -> Tensor:
+    """B×K×D: the mean of the B×N×D visual tokens over each of K masks, each token weighted by
+    its footprint's overlap with the mask (Σ_cells share × the cell's fraction inside; `regions`
+    B×N×(h·w), `cells` B×K×(h·w)); zeros for a mask no token overlaps."""
+    overlap = cells @ regions.transpose(1, 2)  # B×K×N
+    weights = overlap / overlap.sum(-1, keepdim=True).clamp(min=1e-12)
+    return weights @ tokens
 
 
 def mask_geometry(masks: Tensor, shape_size: int) -> Tensor:

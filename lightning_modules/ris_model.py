@@ -79,7 +79,6 @@ class RISModel(pl.LightningModule):
             hidden,
             cfg.mask_decoder.seg_mlp_hidden,
             self.mask_decoder,
-            tower.out_channels,
             len(self.tokenizer),
             self.image_id,
             projector.has_regions,

@@ -13,7 +13,7 @@ from lightning_modules.grounding import (
     grounding_loss,
     mask_votes,
     picked_hits,
-    pool_cells,
+    pool_tokens,
     rerank_loss,
     sample_targets,
     spread_top,
@@ -24,10 +24,8 @@ from lightning_modules.grounding import (
 )
 
 
-def _pointer(hidden=8, dim=4, pe_dim=6, feature_dim=5, vocab=10, **cfg) -> Pointer:
-    return Pointer(
-        hidden, pe_dim, feature_dim, vocab, GroundingConfig(dim=dim, pointer=True, **cfg)
-    )
+def _pointer(hidden=8, dim=4, pe_dim=6, token_dim=5, vocab=10, **cfg) -> Pointer:
+    return Pointer(hidden, pe_dim, token_dim, vocab, GroundingConfig(dim=dim, pointer=True, **cfg))
 
 
 def test_target_weights_are_coverage_times_purity():
@@ -118,12 +116,15 @@ def test_mask_votes_sum_the_mass_inside_each_mask():
     torch.testing.assert_close(half, torch.tensor([[0.4]]))
 
 
-def test_pool_cells_is_the_fraction_weighted_mean_of_the_grid():
-    """Grid states [2, 0], [0, 4], [6, 6], [1, 1]; a mask over all of cells 0–1 and half of cell 2
-    pools (1·[2, 0] + 1·[0, 4] + 0.5·[6, 6]) / 2.5 = [2, 2.8]; an empty mask pools to zeros."""
-    states = torch.tensor([[[2.0, 0.0], [0.0, 4.0], [6.0, 6.0], [1.0, 1.0]]])
-    cells = torch.tensor([[[1.0, 1.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]]])
-    torch.testing.assert_close(pool_cells(states, cells), torch.tensor([[[2.0, 2.8], [0.0, 0.0]]]))
+def test_pool_tokens_weights_each_token_by_its_overlap_with_the_mask():
+    """Token 0 covers cells 0–1, token 1 cell 2; a mask over half of cell 0 and all of cell 2
+    overlaps them 0.5 and 1, so it pools (0.5·[3, 0] + 1·[0, 3]) / 1.5 = [1, 2]; a mask over
+    cell 3, which no token covers, pools to zeros."""
+    tokens = torch.tensor([[[3.0, 0.0], [0.0, 3.0]]])
+    regions = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]])
+    cells = torch.tensor([[[0.5, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]])
+    pooled = pool_tokens(tokens, regions, cells)
+    torch.testing.assert_close(pooled, torch.tensor([[[1.0, 2.0], [0.0, 0.0]]]))
 
 
 def test_mask_geometry_reads_a_mask_as_sspe_reads_a_superpixel():
