@@ -14,6 +14,7 @@ SUBCOMMANDS = [
     ["data", "stats"],
     ["train-sam"],
     ["precompute"],
+    ["align"],
     ["superpixels", "quality"],
     ["superpixels", "show"],
     ["train"],
@@ -215,3 +216,25 @@ def test_bench_runs_every_projector_with_the_commands_overrides(
     # mlp: one token per patch of the tiny SAM's 8×8 grid, an LLM sequence of the tiny prompt
     mlp = next(line for line in rows if line.split("|")[1].strip() == "mlp")
     assert mlp.split("|")[3].strip() == "64.0"
+
+
+def test_report_context_is_the_baseline_on_the_trials_test_sentences(synthref_root, tmp_path):
+    """The demo report's baseline: largest object on the sentences the trials are tested on."""
+    from datamodules.refer import ReferDataset
+    from lightning_modules.cli.bench import baseline_predictions
+    from lightning_modules.cli.config import load_config
+    from lightning_modules.cli.stages import report_context
+    from lightning_modules.metrics import ciou
+    from sweeps.space import load_space
+
+    cfg = load_config([f"data.root={synthref_root}", "sweep.space=demo_grid"])
+    context = report_context(cfg)
+    assert context["budget"] == list(load_space("demo_grid").base_overrides)
+    name, value = context["baseline"]
+    preds, targets = baseline_predictions(
+        ReferDataset(synthref_root, "synthref", "unc", "val"), "largest_object"
+    )
+    assert name == "largest object (val)" and value == pytest.approx(ciou(preds, targets))
+    cfg = load_config([f"data.root={synthref_root}", "sweep.space=compare_projectors"])
+    limited = report_context(cfg)["baseline"][1]
+    assert 0 < limited < 1
