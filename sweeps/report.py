@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -245,3 +247,146 @@ def _plottable(row: dict[str, Any]) -> bool:
 
 def _number(value: Any, default: Any) -> Any:
     return value if isinstance(value, int | float) and not isinstance(value, bool) else default
+
+
+# ---------------------------------------------------------------- runs over seeds
+SUMMARY_SPLITS = ("val", "testA", "testB")
+
+
+def run_rows(folder: str | Path) -> list[dict[str, Any]]:
+    """One row per finished run under `folder` (each `<run>/metrics.json`, with its config's
+    seed): projector, token budget, seed, tokens per image, cIoU per split, train minutes."""
+    from omegaconf import OmegaConf
+
+    rows = []
+    for path in sorted(Path(folder).glob("*/metrics.json")):
+        metrics = json.loads(path.read_text())
+        config = path.parent / "config.yaml"
+        seed = OmegaConf.load(config).get("seed") if config.is_file() else None
+        row = {
+            "run": path.parent.name,
+            "projector": metrics.get("projector"),
+            "token_budget": metrics.get("token_budget"),
+            "seed": seed,
+            "tokens_mean": metrics.get("tokens_mean"),
+            "train_minutes": metrics.get("train_minutes"),
+        }
+        row.update({f"{s}_ciou": metrics.get(f"{s}_ciou") for s in SUMMARY_SPLITS})
+        rows.append(row)
+    if not rows:
+        raise ConfigError(
+            f"no finished runs under {folder}: expected <run>/metrics.json folders (the runs of "
+            "one name, e.g. runs/<name>)"
+        )
+    return rows
+
+
+def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows grouped by (projector, token budget): the number of seeds, mean tokens per image,
+    and per split the mean, min and max cIoU; ordered by mean tokens."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["projector"], r["token_budget"]), []).append(r)
+    out = []
+    for (projector, budget), runs in groups.items():
+        row = {
+            "projector": projector,
+            "token_budget": budget,
+            "seeds": len(runs),
+            "tokens_mean": statistics.fmean(r["tokens_mean"] for r in runs),
+            "train_minutes": statistics.fmean(r["train_minutes"] for r in runs),
+            "state": "COMPLETE",
+        }
+        for split in SUMMARY_SPLITS:
+            values = [r[f"{split}_ciou"] for r in runs]
+            row[f"{split}_ciou"] = statistics.fmean(values)
+            row[f"{split}_min"], row[f"{split}_max"] = min(values), max(values)
+        out.append(row)
+    return sorted(out, key=lambda r: (r["tokens_mean"], str(r["projector"])))
+
+
+def runs_report(
+    folder: str | Path, out_dir: str | Path, baseline: tuple[str, float] | None = None
+) -> dict[str, Path]:
+    """summary.md, summary.csv and summary.png (mean val cIoU against mean visual tokens, min–max
+    bars over the seeds, the front of the means, the baseline) for the runs under `folder`."""
+    rows = run_rows(folder)
+    summary = seed_summary(rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "markdown": out / "summary.md",
+        "csv": out / "summary.csv",
+        "plot": out / "summary.png",
+    }
+    columns = ["projector", "token_budget", "seeds", "tokens_mean", "train_minutes"]
+    for split in SUMMARY_SPLITS:
+        columns += [f"{split}_ciou", f"{split}_min", f"{split}_max"]
+    write_csv(paths["csv"], [{c: r[c] for c in columns} for r in summary], columns)
+    front = {(r["projector"], r["token_budget"]) for r in tokens_ciou_front(summary)}
+    lines = [
+        f"# Runs under `{folder}`: mean over seeds (min–max)",
+        "",
+        *(
+            [f"Baseline: {baseline[0]}, val cIoU {baseline[1]:.4f}.", ""]
+            if baseline is not None
+            else []
+        ),
+        "| projector | budget | seeds | tokens / image | "
+        + " | ".join(f"{s} cIoU" for s in SUMMARY_SPLITS)
+        + " | train min | on the front |",
+        "|---|---|---|---|" + "---|" * len(SUMMARY_SPLITS) + "---|---|",
+    ]
+    for r in summary:
+        cells = [
+            f"{r[f'{s}_ciou']:.4f} ({r[f'{s}_min']:.4f}–{r[f'{s}_max']:.4f})"
+            for s in SUMMARY_SPLITS
+        ]
+        on_front = "yes" if (r["projector"], r["token_budget"]) in front else ""
+        lines.append(
+            f"| {r['projector']} | {r['token_budget']} | {r['seeds']} | {r['tokens_mean']:.1f} | "
+            + " | ".join(cells)
+            + f" | {r['train_minutes']:.1f} | {on_front} |"
+        )
+    lines += ["", "![mean visual tokens vs mean val cIoU](summary.png)", ""]
+    atomic_write(paths["markdown"], "\n".join(lines))
+    _summary_plot(paths["plot"], summary, str(folder), baseline)
+    return paths
+
+
+def _summary_plot(path: Path, summary, title: str, baseline) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for r in summary:
+        y = r["val_ciou"]
+        ax.errorbar(
+            [r["tokens_mean"]],
+            [y],
+            yerr=[[y - r["val_min"]], [r["val_max"] - y]],
+            fmt="o",
+            capsize=3,
+            label=f"{r['projector']} {r['token_budget']}",
+        )
+    front = tokens_ciou_front(summary)
+    ax.step(
+        [r["tokens_mean"] for r in front],
+        [r["val_ciou"] for r in front],
+        where="post",
+        color="black",
+        linewidth=1,
+        label="front of the means",
+    )
+    if baseline is not None:
+        ax.axhline(baseline[1], color="grey", linestyle="--", linewidth=1, label=baseline[0])
+    ax.set_xscale("log")
+    ax.set_xlabel("visual tokens per image (mean)")
+    ax.set_ylabel("val cIoU (mean over seeds, min–max)")
+    ax.set_title(f"{title}: visual tokens vs val cIoU")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    atomic_write(path, lambda file: fig.savefig(file, dpi=120, format="png"))

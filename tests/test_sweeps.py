@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import multiprocessing as mp
 import os
@@ -540,3 +541,36 @@ def test_svp_report_writes_nothing_under_home(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "runs" / "s" / "pareto.png").is_file()
     assert list(home.rglob("*")) == []
+
+
+def test_runs_report_summarises_the_seeds(tmp_path):
+    """`svp report --runs`: per projector and budget, the mean and the min–max over seeds."""
+    from sweeps.report import runs_report
+
+    runs = {
+        ("mlp", "h*w", 0): (256.0, 0.30),
+        ("mlp", "h*w", 1): (256.0, 0.40),
+        ("semantic", "K<=64", 0): (20.0, 0.45),
+        ("semantic", "K<=64", 1): (22.0, 0.41),
+        ("pool", "k=4", 0): (16.0, 0.20),
+    }
+    for (projector, budget, seed), (tokens, val) in runs.items():
+        run = tmp_path / "cmp" / f"{projector}-seed{seed}"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(f"seed: {seed}\n")
+        metrics = {"projector": projector, "token_budget": budget, "tokens_mean": tokens}
+        metrics.update(train_minutes=1.0, val_ciou=val, testA_ciou=val + 0.1, testB_ciou=val - 0.1)
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    paths = runs_report(tmp_path / "cmp", tmp_path / "out", ("largest object (val)", 0.1145))
+    with paths["csv"].open() as f:
+        rows = {r["projector"]: r for r in csv.DictReader(f)}
+    assert int(rows["mlp"]["seeds"]) == 2 and float(rows["mlp"]["val_ciou"]) == pytest.approx(0.35)
+    assert (float(rows["mlp"]["val_min"]), float(rows["mlp"]["val_max"])) == (0.30, 0.40)
+    assert float(rows["semantic"]["tokens_mean"]) == pytest.approx(21.0)
+    markdown = paths["markdown"].read_text()
+    assert "Baseline: largest object (val), val cIoU 0.1145." in markdown
+    front = [line.split(" | ")[0].strip("| ") for line in markdown.splitlines() if "yes |" in line]
+    assert front == ["pool", "semantic"]  # mlp: more tokens, lower mean cIoU than semantic
+    assert paths["plot"].stat().st_size > 0
+    with pytest.raises(ConfigError, match="no finished runs"):
+        runs_report(tmp_path / "out", tmp_path / "none")

@@ -178,8 +178,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lightning_modules.cli.stages import run_report
+    from lightning_modules.cli.stages import run_report, run_runs_report
 
+    if args.runs:
+        run_runs_report(_load(args), args.runs, args.out)
+        return 0
     run_report(_load(args))
     return 0
 
@@ -354,7 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
         "val/test split under data.root and write refer-table.md/.csv into the run folder",
     )
     add("sweep", "Run an Optuna sweep (sweep.space=<name>).", cmd_sweep)
-    add("report", "Write the Pareto report of a study (sweep.name=<study>).", cmd_report)
+    p = add(
+        "report",
+        "Write the Pareto report of a study (sweep.name=<study>), or with --runs a summary over "
+        "seeds of the runs under a folder.",
+        cmd_report,
+    )
+    p.add_argument(
+        "--runs",
+        default=None,
+        help="a folder of runs (e.g. runs/<name>): a table per projector and budget, mean and "
+        "min-max over the seeds, and a plot",
+    )
+    p.add_argument("--out", default=None, help="where --runs writes (default: that folder)")
     p = add(
         "bench",
         "Measure tokens, train step, tokens/s, latency and peak memory per projector.",

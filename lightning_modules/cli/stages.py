@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -211,10 +210,7 @@ def report_context(cfg: DictConfig) -> dict:
     """What a sweep report names beside its trials: the largest-object baseline on the first
     eval split (the cIoU a model that ignores the sentence can reach) and the space's training
     budget (its base overrides)."""
-    from datamodules.ris import _limit
-    from lightning_modules.cli.bench import baseline_predictions
     from lightning_modules.cli.config import rebase_config
-    from lightning_modules.metrics import ciou
     from sweeps.space import load_space
 
     out: dict = {}
@@ -223,16 +219,42 @@ def report_context(cfg: DictConfig) -> dict:
         trial = rebase_config(OmegaConf.to_container(cfg, resolve=True), out["budget"])
     except ConfigError:
         return out
-    if trial.data.eval_splits:
-        split = trial.data.eval_splits[0]
-        with contextlib.suppress(DataError):
-            refer = _refer(trial, split)
-            preds, targets = baseline_predictions(refer, "largest_object")
-            # the sentences the trials are tested on (data.limit_test_sentences)
-            keep = _limit(range(len(preds)), trial.data.limit_test_sentences, trial.seed)
-            preds, targets = [preds[i] for i in keep], [targets[i] for i in keep]
-            out["baseline"] = (f"largest object ({split})", ciou(preds, targets))
+    baseline = largest_object_baseline(trial)
+    if baseline is not None:
+        out["baseline"] = baseline
     return out
+
+
+def largest_object_baseline(cfg: DictConfig) -> tuple[str, float] | None:
+    """The largest-object baseline's cIoU on the first eval split's test sentences
+    (`data.limit_test_sentences`), named; None without eval splits or data."""
+    from datamodules.ris import _limit
+    from lightning_modules.cli.bench import baseline_predictions
+    from lightning_modules.metrics import ciou
+
+    if not cfg.data.eval_splits:
+        return None
+    split = cfg.data.eval_splits[0]
+    try:
+        refer = _refer(cfg, split)
+    except DataError:
+        return None
+    preds, targets = baseline_predictions(refer, "largest_object")
+    keep = _limit(range(len(preds)), cfg.data.limit_test_sentences, cfg.seed)
+    preds, targets = [preds[i] for i in keep], [targets[i] for i in keep]
+    return f"largest object ({split})", ciou(preds, targets)
+
+
+def run_runs_report(cfg: DictConfig, folder: str, out: str | None = None) -> dict:
+    """`svp report --runs <folder>`: the runs under it summarised over their seeds."""
+    from sweeps.report import runs_report
+
+    paths = runs_report(folder, out or folder, largest_object_baseline(cfg))
+    print(Path(paths["markdown"]).read_text())
+    print("\nreport files:")
+    for k, v in paths.items():
+        print(f"  {k}: {v}")
+    return paths
 
 
 def run_report(cfg: DictConfig) -> dict:
