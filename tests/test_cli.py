@@ -216,6 +216,12 @@ def test_bench_runs_every_projector_with_the_commands_overrides(
     # mlp: one token per patch of the tiny SAM's 8×8 grid, an LLM sequence of the tiny prompt
     mlp = next(line for line in rows if line.split("|")[1].strip() == "mlp")
     assert mlp.split("|")[3].strip() == "64.0"
+    # the projector the command chose keeps its overrides; the others take their defaults
+    argv = ["bench", *overrides, "superpixels=grid", "projector=pool", "projector.k=2"]
+    assert main([*argv, "--projectors", "pool,ldpv2", "--no-baselines", "--repeats", "1"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()]
+    budgets = {r[1].strip(): (r[2].strip(), r[3].strip()) for r in rows if len(r) > 9}
+    assert budgets["pool"] == ("k=2", "4.0") and budgets["ldpv2"] == ("k=4", "16.0")
 
 
 def test_report_context_is_the_baseline_on_the_trials_test_sentences(synthref_root, tmp_path):

@@ -193,9 +193,11 @@ def _projector_row(
     from lightning_modules.cli.config import rebase_config
     from lightning_modules.ris_model import RISModel
 
-    # the command's own settings (dotted overrides included), with this projector's defaults; a
-    # random SAM's features are kept in memory only, never in the disk cache that runs share
-    overrides = [f"projector={name}"]
+    # the command's own settings (dotted overrides included), with this projector's defaults
+    # unless the command chose this projector (then its projector.* overrides hold, e.g.
+    # `projector=tokenpacker projector.s=4`); a random SAM's features are kept in memory only,
+    # never in the disk cache that runs share
+    overrides = [] if cfg.projector.name == name else [f"projector={name}"]
     if cfg.mask_decoder.checkpoint == RANDOM_WEIGHTS:
         overrides.append("cache.features=false")
     pcfg = rebase_config(OmegaConf.to_container(cfg, resolve=True), overrides)
