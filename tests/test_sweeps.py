@@ -450,11 +450,11 @@ def test_every_shipped_space_composes_into_run_configs(name):
     assert trials
     for overrides in trials:
         load_config(overrides)
-    if name == "demo_grid":  # `make demo`: the MLP and every compressive projector once
+    if name == "demo_grid":  # `make demo`: the MLP and each compressive projector once
         from lightning_modules.projectors import PROJECTORS
 
         projectors = [dict(o.split("=", 1) for o in trial)["projector"] for trial in space.grid]
-        assert sorted(projectors) == sorted(PROJECTORS)
+        assert sorted(projectors) == sorted(set(PROJECTORS) - {"resampler"})
 
 
 def test_load_study_lists_existing_studies(tmp_path):
