@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from common.errors import DataError
-from datamodules.ris import TextEncoding, resize_labels
+from datamodules.ris import TextEncoding, pad_encodings, pad_id, resize_labels, world_of
 
 IMAGE = "<image>"
 
@@ -137,18 +137,10 @@ class ConversationCollate:
 
     def __call__(self, items: list[dict]) -> dict[str, Any]:
         enc = [self.encode(it["turns"]) for it in items]
-        length = max(len(e.input_ids) for e in enc)
-        ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
-        lab = torch.full((len(items), length), -100, dtype=torch.long)
-        for i, e in enumerate(enc):
-            ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            lab[i, : len(e.labels)] = torch.tensor(e.labels)
         batch: dict[str, Any] = {
             "images": [torch.from_numpy(np.ascontiguousarray(it["image"])) for it in items],
             "image_ids": torch.tensor([int(it["image_id"]) for it in items]),
-            "input_ids": ids,
-            "text_labels": lab,
-            "text_lengths": torch.tensor([len(e.input_ids) for e in enc]),
+            **pad_encodings(enc, self.pad_id),
         }
         if "labels" in items[0]:
             batch["labels"] = torch.from_numpy(np.stack([it["labels"] for it in items]))
@@ -171,37 +163,23 @@ class ConversationDataModule(pl.LightningDataModule):
             entries[len(entries) - held :], index, store, cfg.data.label_size
         )
 
-    def _collate(self) -> ConversationCollate:
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        return ConversationCollate(ConversationEncoder(tok), pad)
-
-    def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        world, rank = world_of(self)
+        sampler = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.cfg.seed
+        )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.cfg.data.num_workers,
+            collate_fn=ConversationCollate(
+                ConversationEncoder(self.tokenizer), pad_id(self.tokenizer)
+            ),
+        )
 
     def train_dataloader(self) -> DataLoader:
-        world, rank = self._world()
-        sampler = DistributedSampler(
-            self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.cfg.seed
-        )
-        return DataLoader(
-            self.train_set,
-            batch_size=self.cfg.align.batch_size,
-            sampler=sampler,
-            num_workers=self.cfg.data.num_workers,
-            collate_fn=self._collate(),
-        )
+        return self._loader(self.train_set, self.cfg.align.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        world, rank = self._world()
-        sampler = DistributedSampler(
-            self.val_set, num_replicas=world, rank=rank, shuffle=False, seed=self.cfg.seed
-        )
-        return DataLoader(
-            self.val_set,
-            batch_size=self.cfg.data.eval_batch_size,
-            sampler=sampler,
-            num_workers=self.cfg.data.num_workers,
-            collate_fn=self._collate(),
-        )
+        return self._loader(self.val_set, self.cfg.data.eval_batch_size, shuffle=False)

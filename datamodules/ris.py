@@ -79,6 +79,30 @@ class RISDataset(Dataset):
         return item
 
 
+def pad_encodings(encodings: list[TextEncoding], pad_id: int) -> dict[str, torch.Tensor]:
+    """`input_ids` (right-padded with `pad_id`), `text_labels` (−100 on padding) and
+    `text_lengths` of a batch of encodings."""
+    length = max(len(e.input_ids) for e in encodings)
+    ids = torch.full((len(encodings), length), pad_id, dtype=torch.long)
+    lab = torch.full((len(encodings), length), -100, dtype=torch.long)
+    for i, e in enumerate(encodings):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        lab[i, : len(e.labels)] = torch.tensor(e.labels)
+    lengths = torch.tensor([len(e.input_ids) for e in encodings])
+    return {"input_ids": ids, "text_labels": lab, "text_lengths": lengths}
+
+
+def pad_id(tokenizer) -> int:
+    """The tokenizer's padding id (0 when it has none)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def world_of(datamodule: pl.LightningDataModule) -> tuple[int, int]:
+    """(processes, this rank) of the trainer a data module is attached to; (1, 0) without one."""
+    trainer = getattr(datamodule, "trainer", None)
+    return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+
+
 class RISCollate:
     """Pads variable-length text and variable superpixel counts; keeps images at native size."""
 
@@ -88,18 +112,10 @@ class RISCollate:
 
     def __call__(self, items: list[dict]) -> dict[str, Any]:
         enc = [self.encode(it["sentence"]) for it in items]
-        length = max(len(e.input_ids) for e in enc)
-        ids = torch.full((len(items), length), self.pad_id, dtype=torch.long)
-        lab = torch.full((len(items), length), -100, dtype=torch.long)
-        for i, e in enumerate(enc):
-            ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            lab[i, : len(e.labels)] = torch.tensor(e.labels)
         batch: dict[str, Any] = {
             "images": [torch.from_numpy(np.ascontiguousarray(it["image"])) for it in items],
             "masks": [torch.from_numpy(np.ascontiguousarray(it["mask"])) for it in items],
-            "input_ids": ids,
-            "text_labels": lab,
-            "text_lengths": torch.tensor([len(e.input_ids) for e in enc]),
+            **pad_encodings(enc, self.pad_id),
             "sentences": [it["sentence"] for it in items],
             "image_ids": torch.tensor([int(it["image_id"]) for it in items]),
             "ref_ids": torch.tensor([int(it["ref_id"]) for it in items]),
@@ -213,18 +229,12 @@ class RISDataModule(pl.LightningDataModule):
 
     def _collate(self) -> RISCollate:
         tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        return RISCollate(PromptEncoder(tok, self.cfg.data.prompt, self.cfg.data.answer), pad)
-
-    def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 1, 0
-        return trainer.world_size, trainer.global_rank
+        encoder = PromptEncoder(tok, self.cfg.data.prompt, self.cfg.data.answer)
+        return RISCollate(encoder, pad_id(tok))
 
     def train_dataloader(self) -> DataLoader:
         d = self.cfg.data
-        world, rank = self._world()
+        world, rank = world_of(self)
         if self.mixed:
             sizes = [len(part) for part in self.train_set.datasets]
             rates = [source.rate for source in self.train_sources]
@@ -245,7 +255,7 @@ class RISDataModule(pl.LightningDataModule):
     def _eval_loaders(self, limit: int | None) -> list[DataLoader]:
         """Each rank sees a disjoint share and no sample twice, so cIoU sums are exact in DDP."""
         d = self.cfg.data
-        world, rank = self._world()
+        world, rank = world_of(self)
         loaders = []
         for split in d.eval_splits:
             ds = _limit(self.eval_sets[split], limit, self.cfg.seed)

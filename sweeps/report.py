@@ -206,14 +206,7 @@ def _plot(
         ax.scatter([r["tokens_mean"] for r in mine], [r["val_ciou"] for r in mine], label=projector)
     front = tokens_ciou_front(rows)
     if front:
-        ax.step(
-            [r["tokens_mean"] for r in front],
-            [r["val_ciou"] for r in front],
-            where="post",
-            color="black",
-            linewidth=1,
-            label="Pareto front",
-        )
+        _draw_front(ax, front, "Pareto front")
         ax.set_xscale("log")
         plain = FuncFormatter(lambda x, _: f"{x:g}")
         ax.xaxis.set_major_formatter(plain)
@@ -239,6 +232,18 @@ def _plot(
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda file: fig.savefig(file, dpi=120, format="png"))
+
+
+def _draw_front(ax, front: list[dict[str, Any]], label: str) -> None:
+    """The tokens-vs-val-cIoU front as a black staircase."""
+    ax.step(
+        [r["tokens_mean"] for r in front],
+        [r["val_ciou"] for r in front],
+        where="post",
+        color="black",
+        linewidth=1,
+        label=label,
+    )
 
 
 def _plottable(row: dict[str, Any]) -> bool:
@@ -371,15 +376,7 @@ def _summary_plot(path: Path, summary, title: str, baseline) -> None:
             capsize=3,
             label=f"{r['projector']} {r['token_budget']}",
         )
-    front = tokens_ciou_front(summary)
-    ax.step(
-        [r["tokens_mean"] for r in front],
-        [r["val_ciou"] for r in front],
-        where="post",
-        color="black",
-        linewidth=1,
-        label="front of the means",
-    )
+    _draw_front(ax, tokens_ciou_front(summary), "front of the means")
     if baseline is not None:
         ax.axhline(baseline[1], color="grey", linestyle="--", linewidth=1, label=baseline[0])
     ax.set_xscale("log")

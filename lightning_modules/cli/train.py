@@ -131,7 +131,6 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
 
     threads = use_threads(cfg.trainer.threads, "trainer.threads")
     check_run_inputs(cfg, training=True)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = run_dir_for(cfg)
     aligned = aligned_folder(cfg, run_dir)  # stage 1 (`svp align`), run first with `run`
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
