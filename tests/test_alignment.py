@@ -218,3 +218,31 @@ def test_a_llava_file_about_other_images_aligns_projectors_without_superpixels(
     refused = run_svp("align", *semantic)
     assert refused.returncode == 2 and "error: " in refused.stderr
     assert "outside it" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_two_processes_align_and_a_run_with_several_aligns_first(
+    synthref_root, tiny_sam_checkpoint, tmp_path
+):
+    """`svp align trainer=ddp_cpu` (2 gloo processes) writes one aligned folder; `svp train`
+    with several processes refuses `align.checkpoint=run` (each process would align) and names
+    the way, which works: align first, then `align.checkpoint=<folder>`."""
+    extra = ["align.limit_conversations=24", "align.val_conversations=8", "trainer=ddp_cpu"]
+    extra += ["trainer.enable_progress_bar=false"]
+    overrides = _overrides(synthref_root, tiny_sam_checkpoint, tmp_path, "mlp", extra)
+    proc = run_svp("align", *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "align" / "tiny"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (out / "aligned.pt").is_file() and metrics["steps"] > 0
+    assert [p.name for p in tmp_path.glob("align/.*")] == []  # no rank left a staging folder
+
+    refused = run_svp("train", *overrides, "align.checkpoint=run")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "error: align.checkpoint=run" in refused.stderr and "svp align" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "tiny").exists()
+
+    short = ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+    short += ["data.limit_test_sentences=8", "grounding.weight=0", "grounding.pointer=false"]
+    trained = run_svp("train", *overrides, *short, f"align.checkpoint={out}")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (tmp_path / "tiny" / "mlp-seed0" / "metrics.json").is_file()

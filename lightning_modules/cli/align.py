@@ -19,6 +19,7 @@ from common.errors import ConfigError
 from common.files import atomic_write, file_key, process_tag, write_json
 from common.threads import use_threads
 from lightning_modules.cli.compose import save_config
+from lightning_modules.cli.inputs import processes
 
 RUN = "run"  # align.checkpoint=run: align inside the RIS run's folder first (sweeps, the demo)
 
@@ -35,6 +36,13 @@ def aligned_folder(cfg: DictConfig, run_dir: Path) -> Path | None:
         return Path(where)
     folder = run_dir / "align"
     if not (folder / ALIGNED_FILE).is_file():
+        if processes(cfg) > 1:  # every process would align on its own, into the same folder
+            raise ConfigError(
+                f"align.checkpoint={RUN} aligns inside the run, which {processes(cfg)} processes "
+                f"cannot share. Align first with the same overrides (`svp align ... "
+                f"align.out={folder}`, several processes are fine there), then train with "
+                f"align.checkpoint={folder}"
+            )
         staged = DictConfig(cfg.copy())
         staged.align.out = str(folder)
         align(staged, progress=bool(cfg.trainer.enable_progress_bar))
