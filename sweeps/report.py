@@ -110,12 +110,12 @@ def pareto_report(
     return paths
 
 
-def tokens_ciou_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Completed rows no other row beats on both fewer mean tokens and higher val cIoU."""
-    done = [r for r in rows if r["state"] == "COMPLETE" and _plottable(r)]
+def tokens_ciou_front(rows: list[dict[str, Any]], metric: str = "val_ciou") -> list[dict[str, Any]]:
+    """Completed rows no other row beats on both fewer mean tokens and higher `metric`."""
+    done = [r for r in rows if r["state"] == "COMPLETE" and _plottable(r, metric)]
     front: list[dict[str, Any]] = []
-    for r in sorted(done, key=lambda r: (r["tokens_mean"], -r["val_ciou"])):
-        if not front or r["val_ciou"] > front[-1]["val_ciou"]:
+    for r in sorted(done, key=lambda r: (r["tokens_mean"], -r[metric])):
+        if not front or r[metric] > front[-1][metric]:
             front.append(r)
     return front
 
@@ -234,11 +234,11 @@ def _plot(
     atomic_write(path, lambda file: fig.savefig(file, dpi=120, format="png"))
 
 
-def _draw_front(ax, front: list[dict[str, Any]], label: str) -> None:
-    """The tokens-vs-val-cIoU front as a black staircase."""
+def _draw_front(ax, front: list[dict[str, Any]], label: str, metric: str = "val_ciou") -> None:
+    """The tokens-vs-cIoU front as a black staircase."""
     ax.step(
         [r["tokens_mean"] for r in front],
-        [r["val_ciou"] for r in front],
+        [r[metric] for r in front],
         where="post",
         color="black",
         linewidth=1,
@@ -246,8 +246,8 @@ def _draw_front(ax, front: list[dict[str, Any]], label: str) -> None:
     )
 
 
-def _plottable(row: dict[str, Any]) -> bool:
-    return _number(row["tokens_mean"], 0) > 0 and _number(row["val_ciou"], None) is not None
+def _plottable(row: dict[str, Any], metric: str = "val_ciou") -> bool:
+    return _number(row["tokens_mean"], 0) > 0 and _number(row.get(metric), None) is not None
 
 
 def _number(value: Any, default: Any) -> Any:
@@ -310,13 +310,18 @@ def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: (r["tokens_mean"], str(r["projector"])))
 
 
+FRONT_SPLITS = ("val", "testB")  # testB: the complex scenes, where the paper's claim is made
+
+
 def runs_report(
-    folder: str | Path, out_dir: str | Path, baseline: tuple[str, float] | None = None
+    folder: str | Path, out_dir: str | Path, baselines: dict[str, float] | None = None
 ) -> dict[str, Path]:
-    """summary.md, summary.csv and summary.png (mean val cIoU against mean visual tokens, min–max
-    bars over the seeds, the front of the means, the baseline) for the runs under `folder`."""
+    """summary.md, summary.csv and summary.png for the runs under `folder`: per projector and
+    budget the mean cIoU over seeds (min–max), and the fronts of the means on val and testB;
+    `baselines` is the largest-object cIoU per split."""
     rows = run_rows(folder)
     summary = seed_summary(rows)
+    baselines = baselines or {}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -328,15 +333,17 @@ def runs_report(
     for split in SUMMARY_SPLITS:
         columns += [f"{split}_ciou", f"{split}_min", f"{split}_max"]
     write_csv(paths["csv"], [{c: r[c] for c in columns} for r in summary], columns)
-    front = {(r["projector"], r["token_budget"]) for r in tokens_ciou_front(summary)}
+    fronts = {
+        split: {
+            (r["projector"], r["token_budget"]) for r in tokens_ciou_front(summary, f"{split}_ciou")
+        }
+        for split in FRONT_SPLITS
+    }
+    named = ", ".join(f"{s} {v:.4f}" for s, v in baselines.items())
     lines = [
         f"# Runs under `{folder}`: mean over seeds (min–max)",
         "",
-        *(
-            [f"Baseline: {baseline[0]}, val cIoU {baseline[1]:.4f}.", ""]
-            if baseline is not None
-            else []
-        ),
+        *([f"Largest-object baseline: {named}.", ""] if baselines else []),
         "| projector | budget | seeds | tokens / image | "
         + " | ".join(f"{s} cIoU" for s in SUMMARY_SPLITS)
         + " | train min | on the front |",
@@ -347,43 +354,63 @@ def runs_report(
             f"{r[f'{s}_ciou']:.4f} ({r[f'{s}_min']:.4f}–{r[f'{s}_max']:.4f})"
             for s in SUMMARY_SPLITS
         ]
-        on_front = "yes" if (r["projector"], r["token_budget"]) in front else ""
+        on = [s for s in FRONT_SPLITS if (r["projector"], r["token_budget"]) in fronts[s]]
         lines.append(
             f"| {r['projector']} | {r['token_budget']} | {r['seeds']} | {r['tokens_mean']:.1f} | "
             + " | ".join(cells)
-            + f" | {r['train_minutes']:.1f} | {on_front} |"
+            + f" | {r['train_minutes']:.1f} | {', '.join(on)} |"
         )
-    lines += ["", "![mean visual tokens vs mean val cIoU](summary.png)", ""]
+    lines += ["", "![mean visual tokens vs mean cIoU, val and testB](summary.png)", ""]
     atomic_write(paths["markdown"], "\n".join(lines))
-    _summary_plot(paths["plot"], summary, str(folder), baseline)
+    _summary_plot(paths["plot"], summary, str(folder), baselines)
     return paths
 
 
-def _summary_plot(path: Path, summary, title: str, baseline) -> None:
+def _summary_plot(path: Path, summary, title: str, baselines: dict[str, float]) -> None:
+    """One panel per front split: each projector's budgets joined by a line, min–max bars over
+    the seeds, the front of the means, the baseline."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(11, 4.5))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for r in summary:
-        y = r["val_ciou"]
-        ax.errorbar(
-            [r["tokens_mean"]],
-            [y],
-            yerr=[[y - r["val_min"]], [r["val_max"] - y]],
-            fmt="o",
-            capsize=3,
-            label=f"{r['projector']} {r['token_budget']}",
-        )
-    _draw_front(ax, tokens_ciou_front(summary), "front of the means")
-    if baseline is not None:
-        ax.axhline(baseline[1], color="grey", linestyle="--", linewidth=1, label=baseline[0])
-    ax.set_xscale("log")
-    ax.set_xlabel("visual tokens per image (mean)")
-    ax.set_ylabel("val cIoU (mean over seeds, min–max)")
-    ax.set_title(f"{title}: visual tokens vs val cIoU")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="x-small")
+    axes = fig.subplots(1, len(FRONT_SPLITS), sharex=True)
+    plain = FuncFormatter(lambda x, _: f"{x:g}")
+    for ax, split in zip(axes, FRONT_SPLITS):
+        for projector in sorted({str(r["projector"]) for r in summary}):
+            mine = [r for r in summary if str(r["projector"]) == projector]
+            y = [r[f"{split}_ciou"] for r in mine]
+            low = [v - r[f"{split}_min"] for v, r in zip(y, mine)]
+            high = [r[f"{split}_max"] - v for v, r in zip(y, mine)]
+            ax.errorbar(
+                [r["tokens_mean"] for r in mine],
+                y,
+                yerr=[low, high],
+                fmt="o-",
+                capsize=3,
+                linewidth=1,
+                label=projector,
+            )
+        _draw_front(ax, tokens_ciou_front(summary, f"{split}_ciou"), "front", f"{split}_ciou")
+        if split in baselines:
+            ax.axhline(baselines[split], color="grey", linestyle="--", linewidth=1)
+            ax.annotate(
+                f"largest object {baselines[split]:.3f}",
+                (0.01, baselines[split]),
+                xycoords=("axes fraction", "data"),
+                textcoords="offset points",
+                xytext=(0, 3),
+                fontsize="x-small",
+                color="grey",
+            )
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(plain)
+        ax.set_xlabel("visual tokens per image (mean)")
+        ax.set_ylabel(f"{split} cIoU (mean over seeds, min–max)")
+        ax.set_title(split)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize="x-small")
+    fig.suptitle(f"{title}: visual tokens vs cIoU")
     fig.tight_layout()
     atomic_write(path, lambda file: fig.savefig(file, dpi=120, format="png"))

@@ -561,16 +561,19 @@ def test_runs_report_summarises_the_seeds(tmp_path):
         metrics = {"projector": projector, "token_budget": budget, "tokens_mean": tokens}
         metrics.update(train_minutes=1.0, val_ciou=val, testA_ciou=val + 0.1, testB_ciou=val - 0.1)
         (run / "metrics.json").write_text(json.dumps(metrics))
-    paths = runs_report(tmp_path / "cmp", tmp_path / "out", ("largest object (val)", 0.1145))
+    paths = runs_report(tmp_path / "cmp", tmp_path / "out", {"val": 0.1145, "testB": 0.0741})
     with paths["csv"].open() as f:
         rows = {r["projector"]: r for r in csv.DictReader(f)}
     assert int(rows["mlp"]["seeds"]) == 2 and float(rows["mlp"]["val_ciou"]) == pytest.approx(0.35)
     assert (float(rows["mlp"]["val_min"]), float(rows["mlp"]["val_max"])) == (0.30, 0.40)
     assert float(rows["semantic"]["tokens_mean"]) == pytest.approx(21.0)
     markdown = paths["markdown"].read_text()
-    assert "Baseline: largest object (val), val cIoU 0.1145." in markdown
-    front = [line.split(" | ")[0].strip("| ") for line in markdown.splitlines() if "yes |" in line]
+    assert "Largest-object baseline: val 0.1145, testB 0.0741." in markdown
+    front = [
+        line.split(" | ")[0].strip("| ") for line in markdown.splitlines() if "testB |" in line
+    ]
     assert front == ["pool", "semantic"]  # mlp: more tokens, lower mean cIoU than semantic
+    assert "| val, testB |" in markdown
     assert paths["plot"].stat().st_size > 0
     with pytest.raises(ConfigError, match="no finished runs"):
         runs_report(tmp_path / "out", tmp_path / "none")

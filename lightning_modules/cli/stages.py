@@ -225,16 +225,16 @@ def report_context(cfg: DictConfig) -> dict:
     return out
 
 
-def largest_object_baseline(cfg: DictConfig) -> tuple[str, float] | None:
-    """The largest-object baseline's cIoU on the first eval split's test sentences
-    (`data.limit_test_sentences`), named; None without eval splits or data."""
+def largest_object_baseline(cfg: DictConfig, split: str | None = None) -> tuple[str, float] | None:
+    """The largest-object baseline's cIoU on `split`'s test sentences (default: the first eval
+    split; `data.limit_test_sentences`), named; None without that split or data."""
     from datamodules.ris import _limit
     from lightning_modules.cli.bench import baseline_predictions
     from lightning_modules.metrics import ciou
 
-    if not cfg.data.eval_splits:
+    if split is None and not cfg.data.eval_splits:
         return None
-    split = cfg.data.eval_splits[0]
+    split = split or cfg.data.eval_splits[0]
     try:
         refer = _refer(cfg, split)
     except DataError:
@@ -247,9 +247,11 @@ def largest_object_baseline(cfg: DictConfig) -> tuple[str, float] | None:
 
 def run_runs_report(cfg: DictConfig, folder: str, out: str | None = None) -> dict:
     """`svp report --runs <folder>`: the runs under it summarised over their seeds."""
-    from sweeps.report import runs_report
+    from sweeps.report import FRONT_SPLITS, runs_report
 
-    paths = runs_report(folder, out or folder, largest_object_baseline(cfg))
+    found = {split: largest_object_baseline(cfg, split) for split in FRONT_SPLITS}
+    baselines = {split: b[1] for split, b in found.items() if b is not None}
+    paths = runs_report(folder, out or folder, baselines)
     print(Path(paths["markdown"]).read_text())
     print("\nreport files:")
     for k, v in paths.items():
