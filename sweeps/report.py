@@ -216,16 +216,7 @@ def _plot(
     else:
         ax.text(0.5, 0.5, "no completed trials", ha="center", va="center", transform=ax.transAxes)
     if baseline is not None:
-        ax.axhline(baseline[1], color="grey", linestyle="--", linewidth=1)
-        ax.annotate(
-            f"{baseline[0]} {baseline[1]:.3f}",
-            (0.01, baseline[1]),
-            xycoords=("axes fraction", "data"),
-            textcoords="offset points",
-            xytext=(0, 3),
-            fontsize="x-small",
-            color="grey",
-        )
+        _draw_baseline(ax, baseline[1], baseline[0])
     ax.set_xlabel("visual tokens per image (mean)")
     ax.set_ylabel("val cIoU")
     ax.set_title(f"{title}: visual tokens vs val cIoU")
@@ -243,6 +234,20 @@ def _draw_front(ax, front: list[dict[str, Any]], label: str, metric: str = "val_
         color="black",
         linewidth=1,
         label=label,
+    )
+
+
+def _draw_baseline(ax, value: float, name: str) -> None:
+    """A baseline's cIoU as a grey dashed line, named at its left end."""
+    ax.axhline(value, color="grey", linestyle="--", linewidth=1)
+    ax.annotate(
+        f"{name} {value:.3f}",
+        (0.01, value),
+        xycoords=("axes fraction", "data"),
+        textcoords="offset points",
+        xytext=(0, 3),
+        fontsize="x-small",
+        color="grey",
     )
 
 
@@ -394,16 +399,7 @@ def _summary_plot(path: Path, summary, title: str, baselines: dict[str, float]) 
             )
         _draw_front(ax, tokens_ciou_front(summary, f"{split}_ciou"), "front", f"{split}_ciou")
         if split in baselines:
-            ax.axhline(baselines[split], color="grey", linestyle="--", linewidth=1)
-            ax.annotate(
-                f"largest object {baselines[split]:.3f}",
-                (0.01, baselines[split]),
-                xycoords=("axes fraction", "data"),
-                textcoords="offset points",
-                xytext=(0, 3),
-                fontsize="x-small",
-                color="grey",
-            )
+            _draw_baseline(ax, baselines[split], "largest object")
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(plain)
         ax.set_xlabel("visual tokens per image (mean)")
