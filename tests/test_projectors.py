@@ -128,7 +128,20 @@ def test_build_projector_accepts_config_forms(cfg):
 
 def test_build_projector_optional_hidden_dim():
     assert make("c_abstractor", hidden_dim=8).stage2[0].body[0].in_channels == 8
-    assert make("c_abstractor").stage2[0].body[0].in_channels == OUT_DIM
+    assert make("c_abstractor").stage2[0].body[0].in_channels == IN_DIM
+
+
+def test_c_abstractor_has_honeybees_shape_at_7b():
+    """CLIP-L (1024) into LLaMA-7B (4096), depth 3: RegNet blocks 1024 wide with depthwise 3×3
+    convolutions and squeeze-excitation to 256, as Honeybee's C-Abstractor — about 37M
+    parameters, not a projector at the LLM's width."""
+    proj = build_projector({"name": "c_abstractor", "k": 12}, 1024, 4096)
+    dw = proj.stage1[0].body[3]
+    assert (dw.kernel_size, dw.groups, dw.in_channels) == ((3, 3), 1024, 1024)
+    d = 1024
+    block = 2 * d * d + 9 * d + 3 * 2 * d + (d * 256 + 256) + (256 * d + d)
+    readout = (d * 4096 + 4096) + (4096 * 4096 + 4096)
+    assert sum(p.numel() for p in proj.parameters()) == 6 * block + readout  # 36,808,192
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,11 @@
-"""`c_abstractor` — Honeybee: conv blocks → adaptive avg-pool k×k → conv blocks → MLP (n = k²).
+"""`c_abstractor` — Honeybee: RegNet blocks → adaptive avg-pool k×k → RegNet blocks → MLP (n = k²).
 
-Honeybee uses RegNet stages with squeeze-excitation and a learned position embedding sized to a
-fixed patch grid; here the blocks are plain ResNet bottlenecks (ratio 1, LayerNorm, SiLU) and the
-3×3 convolutions' zero padding supplies location, so any feature grid works.
+As Honeybee's C-Abstractor (timm's `RegStage` with SiLU and LayerNorm2d): each block is RegNet's
+bottleneck (1×1 conv, depthwise 3×3 conv, squeeze-excitation at a quarter of its input width,
+1×1 conv; ratio 1), its width Honeybee's `hidden_size` (1024, CLIP-L's width; here the vision
+tower's width unless `hidden_dim` is set), then Linear → SiLU → Linear to the LLM's width.
+Honeybee's learned position embedding is sized to a fixed patch grid; here the 3×3 convolutions'
+zero padding supplies location, so any feature grid works.
 """
 
 from dataclasses import dataclass
@@ -29,39 +32,55 @@ class LayerNorm2d(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-class ResBlock(nn.Module):
-    """Bottleneck residual block: 1×1 → 3×3 → 1×1 convs with a projected shortcut when needed."""
+def conv_norm(in_dim: int, out_dim: int, kernel: int = 1, groups: int = 1) -> list[nn.Module]:
+    """A bias-free convolution (zero padding keeps the grid) and LayerNorm2d."""
+    conv = nn.Conv2d(in_dim, out_dim, kernel, padding=kernel // 2, groups=groups, bias=False)
+    return [conv, LayerNorm2d(out_dim)]
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gates from the map's mean: 1×1 conv → SiLU → 1×1 conv → sigmoid."""
+
+    def __init__(self, dim: int, reduced: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(dim, reduced, 1), nn.Conv2d(reduced, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.fc2(F.silu(self.fc1(x.mean((2, 3), keepdim=True))))
+        return x * gate.sigmoid()
+
+
+class RegBlock(nn.Module):
+    """RegNet's bottleneck block (ratio 1): 1×1 → depthwise 3×3 → squeeze-excitation → 1×1, with a
+    projected shortcut when the width changes."""
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_dim, out_dim, 1, bias=False),
-            LayerNorm2d(out_dim),
+            *conv_norm(in_dim, out_dim),
             nn.SiLU(),
-            nn.Conv2d(out_dim, out_dim, 3, padding=1, bias=False),
-            LayerNorm2d(out_dim),
+            *conv_norm(out_dim, out_dim, 3, groups=out_dim),
             nn.SiLU(),
-            nn.Conv2d(out_dim, out_dim, 1, bias=False),
-            LayerNorm2d(out_dim),
+            SqueezeExcite(out_dim, max(1, round(in_dim / 4))),
+            *conv_norm(out_dim, out_dim),
         )
         self.shortcut = (
-            nn.Identity()
-            if in_dim == out_dim
-            else nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, bias=False), LayerNorm2d(out_dim))
+            nn.Identity() if in_dim == out_dim else nn.Sequential(*conv_norm(in_dim, out_dim))
         )
 
     def forward(self, x: Tensor) -> Tensor:
         return F.silu(self.body(x) + self.shortcut(x))
 
 
-def res_stage(depth: int, in_dim: int, out_dim: int) -> nn.Sequential:
-    """`depth` residual blocks, the first mapping in_dim → out_dim."""
-    return nn.Sequential(*(ResBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(depth)))
+def reg_stage(depth: int, in_dim: int, out_dim: int) -> nn.Sequential:
+    """`depth` RegNet blocks, the first mapping in_dim → out_dim."""
+    return nn.Sequential(*(RegBlock(in_dim if i == 0 else out_dim, out_dim) for i in range(depth)))
 
 
 @register_projector("c_abstractor")
 class CAbstractorProjector(Projector):
-    """Locality-preserving convolutional abstractor; conv width `hidden_dim` (None = out_dim)."""
+    """Locality-preserving convolutional abstractor; block width `hidden_dim` (None = the
+    vision tower's width, as Honeybee's 1024 for CLIP-L)."""
 
     @dataclass
     class Config:
@@ -75,9 +94,9 @@ class CAbstractorProjector(Projector):
         require_positive(self.cfg, "k", "depth")
         if self.cfg.hidden_dim is not None:
             require_positive(self.cfg, "hidden_dim")
-        hidden = self.cfg.hidden_dim or out_dim
-        self.stage1 = res_stage(self.cfg.depth, in_dim, hidden)
-        self.stage2 = res_stage(self.cfg.depth, hidden, hidden)
+        hidden = self.cfg.hidden_dim or in_dim
+        self.stage1 = reg_stage(self.cfg.depth, in_dim, hidden)
+        self.stage2 = reg_stage(self.cfg.depth, hidden, hidden)
         self.readout = two_layer_mlp(hidden, out_dim, out_dim, act=nn.SiLU)
 
     def forward(self, features: Tensor, labels: Tensor | None = None) -> ProjectorOutput:
