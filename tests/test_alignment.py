@@ -235,6 +235,7 @@ def test_two_processes_align_and_a_run_with_several_aligns_first(
     metrics = json.loads((out / "metrics.json").read_text())
     assert (out / "aligned.pt").is_file() and metrics["steps"] > 0
     assert [p.name for p in tmp_path.glob("align/.*")] == []  # no rank left a staging folder
+    assert proc.stdout.count("aligned: ") == 1  # one summary line, not one per process
 
     refused = run_svp("train", *overrides, "align.checkpoint=run")
     assert refused.returncode == 2, refused.stderr[-3000:]

@@ -144,10 +144,12 @@ def cmd_superpixels_show(args: argparse.Namespace) -> int:
 def cmd_align(args: argparse.Namespace) -> int:
     from lightning_modules.cli.align import align
 
+    from pytorch_lightning.utilities import rank_zero_only
+
     metrics = align(_load(args))
-    print(
-        f"aligned: {metrics['out']} (val text loss {metrics.get('align/val_ce', float('nan')):.3f})"
-    )
+    if rank_zero_only.rank == 0:  # one line, not one per process
+        loss = metrics.get("align/val_ce", float("nan"))
+        print(f"aligned: {metrics['out']} (val text loss {loss:.3f})")
     return 0
 
 
