@@ -142,9 +142,9 @@ def cmd_superpixels_show(args: argparse.Namespace) -> int:
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from lightning_modules.cli.align import align
-
     from pytorch_lightning.utilities import rank_zero_only
+
+    from lightning_modules.cli.align import align
 
     metrics = align(_load(args))
     if rank_zero_only.rank == 0:  # one line, not one per process
