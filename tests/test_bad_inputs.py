@@ -162,3 +162,24 @@ def test_config_and_path_errors_are_one_line(argv, named, tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert err.startswith("error: ") and named in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_mixed_data_set_without_the_train_split_is_named(
+    synthref_root, tiny_sam_checkpoint, tmp_path, capsys
+):
+    """Training checks `data.train_split` in every data set it draws from (`data.mix`), not in
+    `data.dataset` alone, before it writes anything."""
+    import pickle
+
+    from refer_fixture import write_synthref_as_refcoco
+
+    root = write_synthref_as_refcoco(synthref_root, tmp_path / "refer")
+    refs = root / "refcocog" / "refs(umd).p"
+    kept = [r for r in pickle.loads(refs.read_bytes()) if r["split"] != "train"]
+    refs.write_bytes(pickle.dumps(kept))
+    overrides = tiny_run_overrides(root, tiny_sam_checkpoint, tmp_path / "runs", "mlp")
+    overrides += ["data.dataset=refcoco", "data.mix={refcoco: 1, refcocog: 1}"]
+    assert main(["train", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.train_split: refcocog (umd)") and "'train'" in err
+    assert "Traceback" not in err and not (tmp_path / "runs" / "tiny").exists()

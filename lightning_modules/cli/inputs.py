@@ -28,7 +28,7 @@ def check_run_inputs(cfg: DictConfig, training: bool = False) -> None:
             "`svp train-sam` (or point mask_decoder.checkpoint at a SAM checkpoint)."
         )
     require_data(cfg)
-    require_splits(cfg, [cfg.data.train_split] if training else [])
+    require_splits(cfg, training)
     if training:
         check_run_folder(cfg)
     if processes(cfg) > 1:
@@ -70,17 +70,24 @@ def check_values(cfg: DictConfig) -> None:
         )
 
 
-def require_splits(cfg: DictConfig, extra: list[str]) -> None:
-    """DataError, naming the key, for an eval (or `extra`) split the data set does not have."""
+def require_splits(cfg: DictConfig, training: bool) -> None:
+    """DataError, naming the key, for an eval split `data.dataset` does not have or, when
+    `training`, a data set training draws from (`data.mix`) without `data.train_split`."""
+    from datamodules.mix import training_sets
     from datamodules.refer import available_splits
 
     d = cfg.data
-    present = available_splits(d.root, d.dataset, d.split_by)
-    for key, splits in (("data.train_split", extra), ("data.eval_splits", list(d.eval_splits))):
+    checks = [(d.dataset, d.split_by, "data.eval_splits", list(d.eval_splits))]
+    if training:
+        checks += [
+            (s.dataset, s.split_by, "data.train_split", [d.train_split]) for s in training_sets(d)
+        ]
+    for dataset, split_by, key, splits in checks:
+        present = available_splits(d.root, dataset, split_by)
         for split in splits:
             if split not in present:
                 raise DataError(
-                    f"{key}: {d.dataset} ({d.split_by}) under {d.root} has no split {split!r}; "
+                    f"{key}: {dataset} ({split_by}) under {d.root} has no split {split!r}; "
                     f"its splits are {', '.join(present)}."
                 )
 
