@@ -338,11 +338,10 @@ def runs_report(
     for split in SUMMARY_SPLITS:
         columns += [f"{split}_ciou", f"{split}_min", f"{split}_max"]
     write_csv(paths["csv"], [{c: r[c] for c in columns} for r in summary], columns)
-    fronts = {
-        split: {
-            (r["projector"], r["token_budget"]) for r in tokens_ciou_front(summary, f"{split}_ciou")
-        }
-        for split in FRONT_SPLITS
+    fronts = {split: tokens_ciou_front(summary, f"{split}_ciou") for split in FRONT_SPLITS}
+    on_front = {
+        split: {(r["projector"], r["token_budget"]) for r in front}
+        for split, front in fronts.items()
     }
     named = ", ".join(f"{s} {v:.4f}" for s, v in baselines.items())
     lines = [
@@ -359,7 +358,7 @@ def runs_report(
             f"{r[f'{s}_ciou']:.4f} ({r[f'{s}_min']:.4f}–{r[f'{s}_max']:.4f})"
             for s in SUMMARY_SPLITS
         ]
-        on = [s for s in FRONT_SPLITS if (r["projector"], r["token_budget"]) in fronts[s]]
+        on = [s for s in FRONT_SPLITS if (r["projector"], r["token_budget"]) in on_front[s]]
         lines.append(
             f"| {r['projector']} | {r['token_budget']} | {r['seeds']} | {r['tokens_mean']:.1f} | "
             + " | ".join(cells)
@@ -367,13 +366,15 @@ def runs_report(
         )
     lines += ["", "![mean visual tokens vs mean cIoU, val and testB](summary.png)", ""]
     atomic_write(paths["markdown"], "\n".join(lines))
-    _summary_plot(paths["plot"], summary, str(folder), baselines)
+    _summary_plot(paths["plot"], summary, fronts, str(folder), baselines)
     return paths
 
 
-def _summary_plot(path: Path, summary, title: str, baselines: dict[str, float]) -> None:
+def _summary_plot(
+    path: Path, summary, fronts: dict[str, list], title: str, baselines: dict[str, float]
+) -> None:
     """One panel per front split: each projector's budgets joined by a line, min–max bars over
-    the seeds, the front of the means, the baseline."""
+    the seeds, the front of the means (`fronts`, per split), the baseline."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
@@ -397,7 +398,7 @@ def _summary_plot(path: Path, summary, title: str, baselines: dict[str, float]) 
                 linewidth=1,
                 label=projector,
             )
-        _draw_front(ax, tokens_ciou_front(summary, f"{split}_ciou"), "front", f"{split}_ciou")
+        _draw_front(ax, fronts[split], "front", f"{split}_ciou")
         if split in baselines:
             _draw_baseline(ax, baselines[split], "largest object")
         ax.set_xscale("log", base=2)
