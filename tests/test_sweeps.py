@@ -275,6 +275,42 @@ def test_stale_trial_of_a_dead_worker_is_retried(tmp_path):
     assert any(t.system_attrs.get("failed_trial") == 0 for t in study.trials)
 
 
+def _dies_before_its_second_draw(cfg: SweepConfig) -> None:
+    """A worker that dies in its second trial after the grid sampler gave the trial its grid
+    point and before the trial drew its params from it."""
+    import sweeps.study
+
+    optuna.logging.set_verbosity(optuna.logging.CRITICAL)
+    calls = []
+
+    def suggest(trial, space):
+        calls.append(trial.number)
+        if len(calls) == 2:
+            os._exit(3)
+        return sweeps.space.suggest(trial, space)
+
+    sweeps.study.suggest = suggest
+    run_sweep(cfg, fake_train, progress=False)
+
+
+def test_grid_trial_killed_before_drawing_its_point_reruns_that_point(tmp_path):
+    space = _space_file(tmp_path, SMALL_GRID)
+    cfg = _cfg(tmp_path, space, heartbeat_interval=1, grace_period=1)
+    dead = mp.get_context("spawn").Process(target=_dies_before_its_second_draw, args=(cfg,))
+    dead.start()
+    dead.join(60)
+    assert dead.exitcode == 3
+    died = load_study("s", runs_root=tmp_path / "runs").trials[1]
+    assert died.state == TrialState.RUNNING and not died.params and "grid_id" in died.system_attrs
+    time.sleep(2.5)  # past the grace period: the dead worker's trial is stale
+    study = run_sweep(cfg, fake_train, progress=False)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 6 and len(set(_configs(study))) == 6
+    assert sorted(t.params[GRID_PARAM] for t in done) == list(range(6))
+    rerun = [t for t in done if t.system_attrs.get("failed_trial") == 1]
+    assert len(rerun) == 1 and rerun[0].system_attrs["grid_id"] == died.system_attrs["grid_id"]
+
+
 def _slow_worker(cfg: SweepConfig) -> None:
     optuna.logging.set_verbosity(optuna.logging.CRITICAL)
 
