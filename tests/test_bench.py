@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from common.errors import ConfigError
 from common.sam import RANDOM_WEIGHTS, load_sam, random_weights_allowed
 from lightning_modules.cli import main
+from lightning_modules.cli.bench import STEP_PARTS
 from lightning_modules.cli.config import load_config
 
 
@@ -203,3 +204,36 @@ def test_bench_with_random_sam_needs_a_trained_sam_for_superpixels(synthref_root
     err = capsys.readouterr().err
     assert "superpixels.checkpoint=random" in err and "need a trained SAM" in err
     assert not Path(tmp_path / "cache").exists()
+
+
+def test_bench_profile_times_the_parts_of_the_train_step(
+    synthref_root, tiny_sam_checkpoint, tmp_path, capsys
+):
+    """`svp bench --profile` on the tiny preset (pointer and re-ranker on): the parts add up to
+    the forward and the step, the re-ranker's candidate decoding is timed apart from the final
+    decoding, and the bound is the step over the LLM's own forward and backward."""
+    from conftest import tiny_run_overrides
+
+    overrides = tiny_run_overrides(synthref_root, tiny_sam_checkpoint, tmp_path)
+    argv = ["bench", *overrides, "--projectors", "mlp,semantic", "--repeats", "1"]
+    assert main([*argv, "--no-baselines", "--profile"]) == 0
+    out = capsys.readouterr().out.split("## Where a train step goes")[1]
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")]
+    assert [c.strip() for c in rows[0]] == ["part of the train step (s)", "mlp", "semantic"]
+    labels = {v: k for k, v in STEP_PARTS.items()}
+    parts = {labels[r[0].strip()]: [float(c) for c in r[1:]] for r in rows[1:]}
+    assert set(parts) == set(STEP_PARTS)
+    bound = next(line for line in out.splitlines() if line.startswith("most speed-up"))
+    for i, name in enumerate(("mlp", "semantic")):
+        p = {k: v[i] for k, v in parts.items()}
+        assert all(v >= 0 for v in p.values())
+        assert p["candidates"] > 0 and p["mask_decoder"] > 0 and p["llm_alone"] > 0
+        inner = ("candidates", "grounding", "llm", "projector", "mask_decoder")
+        assert sum(p[k] for k in inner) <= p["forward"] + 0.003  # rounding to 1 ms each
+        whole = p["forward"] + p["backward"] + p["optimizer"]
+        assert whole == pytest.approx(p["step"], abs=0.003)
+        ratio = float(bound.split(f"{name} ")[1].split("×")[0])
+        step, alone = p["step"], p["llm_alone"]  # each rounded to 1 ms, the ratio to 0.1
+        assert (
+            (step - 5e-4) / (alone + 5e-4) - 0.05 <= ratio <= (step + 5e-4) / (alone - 5e-4) + 0.05
+        )

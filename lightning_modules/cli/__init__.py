@@ -193,7 +193,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from lightning_modules.cli.stages import run_bench
 
     projectors = [p for p in args.projectors.split(",") if p] if args.projectors else None
-    run_bench(_load(args), projectors, args.repeats, not args.no_baselines)
+    run_bench(_load(args), projectors, args.repeats, not args.no_baselines, args.profile)
     return 0
 
 
@@ -389,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measure (default: 3)")
     p.add_argument("--no-baselines", action="store_true", help="skip the trivial baselines table")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also time the parts of each projector's train step (forward stages, backward, "
+        "optimizer, the LLM alone)",
+    )
     add("demo", "The offline end-to-end demo (what `make demo` runs).", cmd_demo)
     dg = sub.add_parser(
         "diagnose",

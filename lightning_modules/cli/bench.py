@@ -185,7 +185,14 @@ def _autocast(device: torch.device, bf16: bool):
 
 
 def _projector_row(
-    cfg: DictConfig, name: str, batch, tokenizer, repeats: int, device: torch.device, bf16: bool
+    cfg: DictConfig,
+    name: str,
+    batch,
+    tokenizer,
+    repeats: int,
+    device: torch.device,
+    bf16: bool,
+    profile: bool = False,
 ) -> dict:
     from pytorch_lightning.utilities import move_data_to_device
 
@@ -231,9 +238,11 @@ def _projector_row(
         train_step()
     step = (_clock(device) - start) / repeats
     peak = (_peak(device) - before) / 1024**3 if measured else None
+    parts = step_parts(model, batch, opt, repeats, device, bf16) if profile else None
     tokens = out["num_tokens"].float()
     bs = len(batch["images"])
     return {
+        "parts": parts,
         "projector": name,
         "budget": model.projector.token_budget,
         "tokens_mean": float(tokens.mean()),
@@ -244,6 +253,112 @@ def _projector_row(
         "peak_gib": peak,
         "params_m": sum(p.numel() for p in model.projector.parameters()) / 1e6,
     }
+
+
+# the parts of a train step `svp bench --profile` times, in the order it prints them
+STEP_PARTS = {
+    "forward": "forward and the losses",
+    "candidates": "– grounding: the re-ranker's candidate masks (SAM decoder, no gradient)",
+    "grounding": "– grounding: the rest (scores, pointer, re-ranker)",
+    "llm": "– LLM",
+    "projector": "– projector",
+    "mask_decoder": "– the final mask decoding",
+    "backward": "backward",
+    "optimizer": "optimizer step",
+    "step": "the whole step",
+    "llm_alone": "the LLM's forward and backward alone",
+}
+
+
+def step_parts(
+    model, batch, opt, repeats: int, device: torch.device, bf16: bool
+) -> dict[str, float]:
+    """Seconds per train step (mean of `repeats`) in each of `STEP_PARTS`: the forward's parts
+    timed around the stages' calls, and the LLM's forward and backward alone on the step's own
+    inputs (what no change outside the LLM can make faster)."""
+    from lightning_modules.llm import llm_precision
+
+    spent = dict.fromkeys(STEP_PARTS, 0.0)
+    started, inside, llm_inputs = {}, [], {}
+
+    def enter(name):
+        def hook(module, args, kwargs):
+            if name == "llm" and not llm_inputs:
+                llm_inputs.update(kwargs)
+            inside.append(name)
+            started[name] = _clock(device)
+
+        return hook
+
+    def leave(name):
+        def hook(module, args, output):
+            spent[name] += _clock(device) - started[name]
+            inside.pop()
+
+        return hook
+
+    decoder = model.mask_decoder
+    low_res = decoder.low_res
+
+    def timed_low_res(*args):
+        start = _clock(device)
+        out = low_res(*args)
+        if inside and inside[-1] == "grounding":  # the candidates, not the final decoding
+            spent["candidates"] += _clock(device) - start
+        return out
+
+    handles = []
+    for name in ("projector", "llm", "grounding", "mask_decoder"):
+        module = getattr(model, name)
+        handles.append(module.register_forward_pre_hook(enter(name), with_kwargs=True))
+        handles.append(module.register_forward_hook(leave(name)))
+    decoder.low_res = timed_low_res
+    try:
+        for _ in range(repeats):
+            t0 = _clock(device)
+            with _autocast(device, bf16):
+                loss = model.losses(model(batch), batch)["loss"]
+            t1 = _clock(device)
+            opt.zero_grad()
+            loss.backward()
+            t2 = _clock(device)
+            opt.step()
+            t3 = _clock(device)
+            spent["forward"] += t1 - t0
+            spent["backward"] += t2 - t1
+            spent["optimizer"] += t3 - t2
+            spent["step"] += t3 - t0
+    finally:
+        for handle in handles:
+            handle.remove()
+        del decoder.low_res  # the method again
+    spent["grounding"] -= spent["candidates"]
+    embeds = llm_inputs.pop("inputs_embeds").detach()
+    for _ in range(repeats):
+        start = _clock(device)
+        with _autocast(device, bf16), llm_precision(model.llm_dtype, device):
+            out = model.llm(inputs_embeds=embeds.requires_grad_(), **llm_inputs)
+            total = out.logits.float().sum() + out.hidden_states[-1].float().sum()
+        total.backward()
+        spent["llm_alone"] += _clock(device) - start
+    opt.zero_grad()
+    return {k: v / repeats for k, v in spent.items()}
+
+
+def format_step_parts(rows: list[dict]) -> list[str]:
+    """The `--profile` table (a column per projector) and the most a faster step could gain
+    without changing the LLM's work (whole step ÷ the LLM's part)."""
+    names = [r["projector"] for r in rows]
+    out = [
+        "| part of the train step (s) | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for key, label in STEP_PARTS.items():
+        out.append(f"| {label} | " + " | ".join(f"{r['parts'][key]:.3f}" for r in rows) + " |")
+    bound = ", ".join(
+        f"{r['projector']} {r['parts']['step'] / r['parts']['llm_alone']:.1f}×" for r in rows
+    )
+    return [*out, "", f"most speed-up without changing the LLM's work (step ÷ LLM alone): {bound}"]
 
 
 def format_projector_rows(rows: list[dict], device: torch.device) -> list[str]:
@@ -290,9 +405,11 @@ def projector_bench(
     projectors: list[str] | None = None,
     repeats: int = 3,
     baselines: bool = True,
+    profile: bool = False,
 ) -> str:
     """Baselines on the eval splits, then one row per projector (all by default) on one eval
-    batch, each model built at the config's shape on `trainer`'s device and precision."""
+    batch, each model built at the config's shape on `trainer`'s device and precision; with
+    `profile`, where each projector's train step goes (`step_parts`)."""
     from common.threads import use_threads
     from datamodules.ris import RISDataModule
     from lightning_modules.projectors import PROJECTORS
@@ -330,7 +447,7 @@ def projector_bench(
     dm.prepare_data()
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()[0]))
-    rows = [_projector_row(cfg, n, batch, tokenizer, repeats, device, bf16) for n in names]
+    rows = [_projector_row(cfg, n, batch, tokenizer, repeats, device, bf16, profile) for n in names]
     where = f"{device.type}, {cfg.trainer.precision}" + (
         f", {threads} threads" if device.type == "cpu" else f", {torch.cuda.get_device_name()}"
     )
@@ -344,4 +461,7 @@ def projector_bench(
         "",
         *format_projector_rows(rows, device),
     ]
+    if profile:
+        out += ["", f"## Where a train step goes (mean of {repeats} steps)", ""]
+        out += format_step_parts(rows)
     return "\n".join(out)

@@ -279,11 +279,15 @@ def _print_where(paths: dict, out_dir: Path) -> None:
 
 # ------------------------------------------------------------------------------ bench/demo
 def run_bench(
-    cfg: DictConfig, projectors: list[str] | None = None, repeats: int = 3, baselines: bool = True
+    cfg: DictConfig,
+    projectors: list[str] | None = None,
+    repeats: int = 3,
+    baselines: bool = True,
+    profile: bool = False,
 ) -> None:
     from lightning_modules.cli.bench import projector_bench
 
-    print(projector_bench(cfg, projectors, repeats, baselines))
+    print(projector_bench(cfg, projectors, repeats, baselines, profile))
 
 
 # What `svp demo` changes in the tiny preset to fit its budget on 2 CPU cores (docs/RESULTS.md).
