@@ -8,6 +8,8 @@ answers' next-token loss. Its weights are saved under the same names `RISModel` 
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +127,19 @@ def load_aligned(model: torch.nn.Module, folder: str | Path, cfg: DictConfig) ->
             f"align.checkpoint={str(folder)!r} holds no {ALIGNED_FILE}; point it at an "
             "`svp align` output folder (align.out), or run `svp align` first"
         )
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(
+            f"align.checkpoint={str(folder)!r}: {ALIGNED_FILE} is not readable ({first}); run "
+            "`svp align` again into that folder"
+        ) from None
+    if not isinstance(saved, dict) or "projector_name" not in saved:
+        raise ConfigError(
+            f"align.checkpoint={str(folder)!r}: {ALIGNED_FILE} is not an `svp align` output; "
+            "run `svp align` again into that folder"
+        )
     if saved["projector_name"] != cfg.projector.name:
         raise ConfigError(
             f"align.checkpoint={str(folder)!r} aligned projector={saved['projector_name']}, this "

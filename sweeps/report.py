@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
 from common.files import atomic_write, write_csv
 from sweeps.space import override_value
 from sweeps.study import SURPLUS, storage_url
@@ -270,7 +270,13 @@ def run_rows(folder: str | Path) -> list[dict[str, Any]]:
 
     rows = []
     for path in sorted(Path(folder).glob("*/metrics.json")):
-        metrics = json.loads(path.read_text())
+        try:
+            metrics = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            msg = f"{path} is not valid JSON ({err}); rerun that run or move it away."
+            raise DataError(msg) from None
+        if not isinstance(metrics, dict):
+            raise DataError(f"{path} holds no run's metrics (a JSON object); move that run away.")
         config = path.parent / "config.yaml"
         seed = OmegaConf.load(config).get("seed") if config.is_file() else None
         row = {

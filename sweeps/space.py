@@ -142,6 +142,24 @@ def suggest(trial: optuna.Trial, space: SearchSpace) -> list[str]:
     return overrides
 
 
+def trial_overrides(space: SearchSpace) -> list[list[str]]:
+    """Override lists that between them set every value a trial of `space` can set: each grid
+    config, or each parameter's choices and bounds (a conditional one with the first choice it
+    depends on) over the base overrides. Composing them checks a space before it trains."""
+    base = list(space.base_overrides)
+    if space.grid:
+        return [[*base, *entry] for entry in space.grid]
+    keys = {p.name: p.key for p in space.params}
+    out = []
+    for p in space.params:
+        values = p.choices or (p.low, p.high)
+        if p.kind == "int":
+            values = tuple(int(v) for v in values)
+        when = [f"{keys[k]}={format_value(v[0])}" for k, v in p.when.items()]
+        out += [[*base, *when, f"{p.key}={format_value(v)}"] for v in values]
+    return out or [base]
+
+
 def format_value(value: Scalar) -> str:
     """A value as the config override parser reads it back (`true`, `0.001`, `1e-05`, `pool`)."""
     if isinstance(value, bool):

@@ -52,6 +52,13 @@ CASES = {
     "mix with every rate 0": (["data.mix={synthref: 0}"], "gives every data set rate 0"),
     "mix not a mapping": (["data.mix=[synthref]"], "data.mix=['synthref'] must map"),
     "mix over other images": (["data.mix={synthref: 1, refcoco: 1}"], "data.mix.refcoco: its"),
+    "negative lr": (["optim.lr=-1"], "optim.lr=-1"),
+    "negative seed": (["seed=-1"], "seed=-1"),
+    "label size 0": (["data.label_size=0"], "data.label_size=0"),
+    "negative max_epochs": (["trainer.max_epochs=-3"], "max_epochs=-3, …): `max_epochs` must be"),
+    "no devices": (["trainer.devices=0"], "trainer.accelerator=cpu, devices=0"),
+    "unknown precision": (["trainer.precision=fp8"], "Precision 'fp8' is invalid"),
+    "align folder missing": (["align.checkpoint=/nonexistent"], "align.checkpoint=/nonexistent"),
 }
 
 
@@ -152,6 +159,14 @@ MORE = {
         "mask_decoder.checkpoint",
     ),
     "bad threads": (["train", "trainer.threads=0"], "trainer.threads"),
+    "no sweep jobs": (["sweep", "sweep.n_jobs=0"], "sweep.n_jobs=0"),
+    "negative sweep timeout": (["sweep", "sweep.timeout_minutes=-1"], "sweep.timeout_minutes=-1"),
+    "a space's misspelled key": (
+        ["sweep", "sweep.space=compare_grid", "sweep.overrides=[optim.lrr=1]"],
+        "a trial with overrides",
+    ),
+    "a space's bad value": (["sweep", "sweep.overrides=[optim.lr=-1]"], "optim.lr=-1"),
+    "demo with a bad value": (["demo", "optim.lr=-1"], "optim.lr=-1"),
 }
 
 
@@ -183,3 +198,58 @@ def test_a_mixed_data_set_without_the_train_split_is_named(
     err = capsys.readouterr().err
     assert err.startswith("error: data.train_split: refcocog (umd)") and "'train'" in err
     assert "Traceback" not in err and not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_a_corrupt_alignment_is_named(finished_run, tmp_path, capsys):
+    import shutil
+
+    overrides, finished = finished_run
+    folder = tmp_path / "aligned"
+    shutil.copytree(finished / "tokenizer", folder / "tokenizer")
+    (folder / "aligned.pt").write_text("not a checkpoint")
+    run_dir = tmp_path / "fresh"
+    assert main(["train", *overrides, f"run_dir={run_dir}", f"align.checkpoint={folder}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: align.checkpoint='{folder}': aligned.pt is not readable")
+    assert "Traceback" not in err and not run_dir.exists()
+
+
+def test_a_checkpoint_with_other_shapes_is_named(finished_run, tmp_path, capsys):
+    """Same parameter names, other sizes (here the LLM's width): named, not a traceback."""
+    overrides, run_dir = finished_run
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    other = tmp_path / "other"
+    argv = ["train", *overrides, "llm.hidden_size=64", f"run_dir={other}", f"ckpt_path={ckpt}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"ckpt_path={ckpt} holds other weights" in err and "of another shape" in err
+    assert "Traceback" not in err and not other.exists()
+
+
+def test_paths_in_the_way_and_damaged_run_metrics_are_named(tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert main(["synth", "--root", str(a_file / "sub"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(a_file) in err and "Traceback" not in err
+    runs = tmp_path / "runs"
+    for name, text in (("truncated", '{"val_ciou": 0.'), ("a list", "[]")):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.json").write_text(text)
+        assert main(["report", "--runs", str(runs)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {runs / name / 'metrics.json'}") and "Traceback" not in err
+        (runs / name / "metrics.json").unlink()
+    binary = tmp_path / "config.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    assert main(["eval", "--config", str(binary)]) == 2
+    assert "not a text (UTF-8) file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--limit", "-3"], ["--count", "0"]])
+def test_counts_below_one_are_refused(argv, capsys):
+    command = "quality" if argv[0] == "--limit" else "show"
+    with pytest.raises(SystemExit) as stop:
+        main(["superpixels", command, *argv])
+    assert stop.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err

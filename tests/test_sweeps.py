@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from common.errors import ConfigError
 from sweeps import SweepConfig, load_space, load_study, pareto_report, run_sweep, suggest
-from sweeps.space import GRID_PARAM, available_spaces, override_value
+from sweeps.space import GRID_PARAM, available_spaces, override_value, trial_overrides
 from sweeps.study import SURPLUS, _Objective, slot_holders
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -474,16 +474,8 @@ def test_every_shipped_space_composes_into_run_configs(name):
 
     space = load_space(name)
     assert space.n_trials >= 1
-    trials = [[*space.base_overrides, *entry] for entry in space.grid]
-    keys = {p.name: p.key for p in space.params}
-    for param in space.params:
-        values = param.choices or (param.low, param.high)
-        if param.kind == "int":
-            values = tuple(int(v) for v in values)
-        # a conditional parameter (`when`) is composed with the choice it depends on
-        when = [f"{keys[k]}={v[0]}" for k, v in param.when.items()]
-        trials += [[*space.base_overrides, *when, f"{param.key}={v}"] for v in values]
-    assert trials
+    trials = trial_overrides(space)
+    assert len(trials) >= max(len(space.grid), len(space.params))
     for overrides in trials:
         load_config(overrides)
     if name == "demo_grid":  # `make demo`: the MLP and each compressive projector once

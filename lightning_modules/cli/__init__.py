@@ -238,6 +238,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # parser
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="svp",
@@ -328,9 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
                 default=["sam", "slic", "felzenszwalb", "grid", "oracle"],
                 help="sources to compare (default: all five)",
             )
-            p.add_argument("--limit", type=int, default=None, help="at most this many images")
+            p.add_argument("--limit", type=_positive, default=None, help="at most this many images")
         else:
-            p.add_argument("--count", type=int, default=6, help="number of images (default: 6)")
+            p.add_argument(
+                "--count", type=_positive, default=6, help="number of images (default: 6)"
+            )
             p.add_argument(
                 "--out", default=None, help="output folder (default: runs/superpixels/<source>)"
             )
@@ -465,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SVPError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path that is a file where a folder goes, no permission, a full disk
+        print(f"error: {err}. Check that path.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

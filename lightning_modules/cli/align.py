@@ -33,6 +33,13 @@ def aligned_folder(cfg: DictConfig, run_dir: Path) -> Path | None:
     if where is None:
         return None
     if where != RUN:
+        lacks = [n for n in (ALIGNED_FILE, "tokenizer") if not (Path(where) / n).exists()]
+        if lacks:
+            raise ConfigError(
+                f"align.checkpoint={where} is not an `svp align` output folder (no "
+                f"{' or '.join(lacks)} in it); point it at one (align.out of `svp align`), or "
+                f"use align.checkpoint={RUN} to align inside this run"
+            )
         return Path(where)
     folder = run_dir / "align"
     if not (folder / ALIGNED_FILE).is_file():
@@ -76,6 +83,8 @@ def align(cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
         raise ConfigError(
             f"align.epochs={a.epochs} and align.batch_size={a.batch_size} must be at least 1"
         )
+    if not a.lr > 0:
+        raise ConfigError(f"align.lr={a.lr} must be > 0")
     synthref = Path(cfg.data.root) / "synthref"
     if Path(a.data).parent == synthref and not Path(a.data).exists() and synthref.is_dir():
         # a SynthRef written before it wrote its conversations

@@ -50,6 +50,8 @@ def load_yaml(path: Path) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err}). Fix the file.") from err
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) file; give a YAML config.") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: expected a mapping at the top level, got {type(data).__name__}."

@@ -44,7 +44,13 @@ def check_run_inputs(cfg: DictConfig, training: bool = False) -> None:
 
 
 def check_values(cfg: DictConfig) -> None:
-    """ConfigError, naming the key, for sizes a run cannot run with."""
+    """ConfigError, naming the key, for sizes and values a run cannot run with."""
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed} must be in [0, 2**32 - 1].")
+    if not cfg.optim.lr > 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0.")
+    if cfg.data.label_size < 1:
+        raise ConfigError(f"data.label_size={cfg.data.label_size} (pixels) must be at least 1.")
     for key in ("data.batch_size", "data.eval_batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1.")
@@ -127,14 +133,22 @@ def checkpoint_state(model, path: str, key: str) -> dict:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"{key}={path} is not a Lightning checkpoint (no state_dict in it).")
     state = checkpoint["state_dict"]
-    wanted = set(model.state_dict())
-    missing, unexpected = sorted(wanted - set(state)), sorted(set(state) - wanted)
-    if missing or unexpected:
-        shown = ", ".join([*(f"-{k}" for k in missing[:3]), *(f"+{k}" for k in unexpected[:3])])
+    wanted = model.state_dict()
+    missing, unexpected = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
+    resized = [k for k in wanted if k in state and state[k].shape != wanted[k].shape]
+    if missing or unexpected or resized:
+        shown = ", ".join(
+            [
+                *(f"-{k}" for k in missing[:3]),
+                *(f"+{k}" for k in unexpected[:3]),
+                *(f"{k} {list(state[k].shape)}≠{list(wanted[k].shape)}" for k in resized[:3]),
+            ]
+        )
         raise ConfigError(
             f"{key}={path} holds other weights than this config's model ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected: {shown}); it was saved with another config or "
-            "another version of the suite. Evaluate it with its own run's config.yaml."
+            f"{len(unexpected)} unexpected, {len(resized)} of another shape: {shown}); it was "
+            "saved with another config or another version of the suite. Evaluate it with its "
+            "own run's config.yaml."
         )
     return state
 

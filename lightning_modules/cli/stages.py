@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ConfigError, DataError, SweepIncomplete
-from lightning_modules.cli.inputs import require_data, require_folder
+from lightning_modules.cli.inputs import check_values, require_data, require_folder
 
 
 def _plain(node) -> Any:
@@ -189,12 +189,42 @@ def make_train_fn(cfg: DictConfig):
     return train_fn
 
 
+def check_sweep(cfg: DictConfig) -> None:
+    """The worker's settings and every config a trial of the space can compose (`trial_overrides`),
+    checked before the study is made: a wrong key or value fails at once, naming the trial's
+    overrides, instead of in every trial."""
+    from dataclasses import replace
+
+    from lightning_modules.cli.config import rebase_config
+    from sweeps.space import load_space, trial_overrides
+
+    sweep = cfg.sweep
+    if sweep.n_jobs < 1:
+        raise ConfigError(f"sweep.n_jobs={sweep.n_jobs} must be at least 1 (trials run at once).")
+    if sweep.worker < 0:
+        raise ConfigError(f"sweep.worker={sweep.worker} must be ≥ 0 (it seeds the sampler).")
+    if sweep.timeout_minutes is not None and not sweep.timeout_minutes > 0:
+        raise ConfigError(f"sweep.timeout_minutes={sweep.timeout_minutes} must be > 0, or null.")
+    space = load_space(sweep.space)
+    space = replace(space, base_overrides=(*space.base_overrides, *sweep.overrides))
+    base = OmegaConf.to_container(cfg, resolve=True)
+    base.pop("run_dir", None)
+    for overrides in trial_overrides(space):
+        try:
+            check_values(rebase_config(base, overrides, "sweep base config"))
+        except ConfigError as err:
+            raise ConfigError(
+                f"sweep space '{sweep.space}', a trial with overrides {' '.join(overrides)}: {err}"
+            ) from None
+
+
 def run_sweep_command(cfg: DictConfig):
     """Run the sweep and write its report; a `SweepIncomplete` error (after the report) when no
     trial completed or trials are left unfinished."""
     from sweeps.report import pareto_report
     from sweeps.study import run_sweep, study_size, unfinished
 
+    check_sweep(cfg)
     sweep_cfg = OmegaConf.to_object(cfg.sweep)
     study = run_sweep(sweep_cfg, make_train_fn(cfg), progress=True)
     out_dir = Path(cfg.runs_root) / study.study_name
@@ -313,6 +343,7 @@ def run_demo(cfg: DictConfig) -> None:
     """SynthRef → small SAM → superpixels → short projector grid → report (cached stages skip)."""
     from datamodules.synthetic import SynthConfig, ensure_synthref
 
+    check_sweep(cfg)  # before the stages: a wrong override fails in seconds, not after them
     t0 = time.time()
     stages: list[tuple[str, float]] = []
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from common.errors import ConfigError
 from common.files import write_json
@@ -103,7 +104,14 @@ def _trainer(
         kwargs["limit_val_batches"] = t.limit_val_batches
     if t.max_minutes:
         kwargs["max_time"] = {"minutes": float(t.max_minutes)}
-    return pl.Trainer(**kwargs)
+    try:
+        return pl.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError) as err:
+        raise ConfigError(
+            f"Lightning refuses the trainer settings (trainer.accelerator={t.accelerator}, "
+            f"devices={t.devices}, strategy={t.strategy}, precision={t.precision}, "
+            f"max_epochs={t.max_epochs}, …): {err}"
+        ) from None
 
 
 def _metrics_from(results: list[dict], splits: list[str], prefix: str) -> dict[str, float]:
@@ -150,14 +158,14 @@ def train(cfg: DictConfig, callbacks: list | None = None, progress: bool = True)
         checkpoint_state(model, ckpt_path, "ckpt_path")
     elif aligned is not None:
         load_aligned(model, aligned, cfg)
-    # the run folder is written only once everything it describes is known to build
-    save_config(cfg, run_dir / "config.yaml")
-    tokenizer.save_pretrained(saved)
     version = f"{cfg.projector.name}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     logger = TensorBoardLogger(
         save_dir=str(run_dir), name="tb", version=version, default_hp_metric=False
     )
     trainer = _trainer(cfg, run_dir, callbacks or [], logger, progress)
+    # the run folder is written only once everything it describes is known to build
+    save_config(cfg, run_dir / "config.yaml")
+    tokenizer.save_pretrained(saved)
     start = time.time()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     train_minutes = (time.time() - start) / 60
