@@ -113,6 +113,18 @@ def test_show_config(capsys):
     assert "name: pool" in out and "k: 2" in out
 
 
+def test_overrides_after_an_option_are_overrides_in_order(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "projector=pool", "projector.k=2", "--show-config", "projector.k=3"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "name: pool" in out and "k: 3" in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--show-config", "--nope"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
 def test_quality_overrides_after_sources_are_overrides(synthref_root, capsys):
     """`--sources grid data.root=X`: argparse's nargs="*" takes both; the override must apply."""
     argv = [

@@ -15,7 +15,7 @@ from common.errors import SVPError
 
 OVERRIDES_HELP = textwrap.dedent(
     """\
-    Config overrides are `key=value` words after the options:
+    Config overrides are `key=value` words, before or after the options:
       group selections  preset=tiny|llava7b  projector=mlp|pool|resampler|c_abstractor|ldpv2|
                         tokenpacker|semantic  superpixels=sam|slic|felzenszwalb|grid|oracle
                         data=...  model=...  trainer=cpu|gpu|ddp
@@ -473,7 +473,11 @@ def main(argv: list[str] | None = None) -> int:
         "MPLCONFIGDIR", os.path.join(tempfile.gettempdir(), f"svp-matplotlib-{os.getuid()}")
     )
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `key=value` words after an option are overrides too
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args) or 0)
     except SVPError as err:
