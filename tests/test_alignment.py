@@ -214,6 +214,12 @@ def test_a_llava_file_about_other_images_aligns_projectors_without_superpixels(
     cmd = run_svp("align", *_overrides(synthref_root, tiny_sam_checkpoint, tmp_path, "pool", extra))
     assert cmd.returncode == 0, cmd.stderr[-3000:]
     assert (tmp_path / "align" / "tiny" / "aligned.pt").is_file()
+    assert "(val text loss " in cmd.stdout
+    none_held = [*extra, "align.val_conversations=0", f"align.out={tmp_path / 'all'}"]
+    cmd = run_svp(
+        "align", *_overrides(synthref_root, tiny_sam_checkpoint, tmp_path, "pool", none_held)
+    )
+    assert cmd.returncode == 0 and "(no held-out conversations)" in cmd.stdout, cmd.stderr[-3000:]
     semantic = _overrides(synthref_root, tiny_sam_checkpoint, tmp_path, "semantic", extra)
     refused = run_svp("align", *semantic)
     assert refused.returncode == 2 and "error: " in refused.stderr

@@ -148,8 +148,9 @@ def cmd_align(args: argparse.Namespace) -> int:
 
     metrics = align(_load(args))
     if rank_zero_only.rank == 0:  # one line, not one per process
-        loss = metrics.get("align/val_ce", float("nan"))
-        print(f"aligned: {metrics['out']} (val text loss {loss:.3f})")
+        loss = metrics.get("align/val_ce")
+        held = "no held-out conversations" if loss is None else f"val text loss {loss:.3f}"
+        print(f"aligned: {metrics['out']} ({held})")
     return 0
 
 
@@ -285,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("synth", "Generate the offline SynthRef data set (REFER layout).", cmd_synth, False)
     _add_dataclass_options(p, SynthConfig)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing SynthRef")
-    p.add_argument(
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing SynthRef")
+    existing.add_argument(
         "--skip-existing", action="store_true", help="do nothing if SynthRef already exists"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
