@@ -59,6 +59,8 @@ CASES = {
     "no devices": (["trainer.devices=0"], "trainer.accelerator=cpu, devices=0"),
     "unknown precision": (["trainer.precision=fp8"], "Precision 'fp8' is invalid"),
     "align folder missing": (["align.checkpoint=/nonexistent"], "align.checkpoint=/nonexistent"),
+    "shard size 0": (["cache.shard_size=0"], "cache.shard_size=0"),
+    "ckpt_path a folder": (["ckpt_path=/tmp"], "ckpt_path=/tmp is a folder"),
 }
 
 
@@ -147,6 +149,7 @@ def test_a_checkpoint_of_another_model_is_named(finished_run, tmp_path, capsys):
 
 MORE = {
     "unknown key": (["train", "trainer.max_epoch=2"], "trainer.max_epoch"),
+    "a value for a node": (["train", "optim=3"], "optim=3: 'optim' holds settings (grad_clip, lr"),
     "wrong type": (["train", "trainer.max_epochs=many"], "trainer.max_epochs"),
     "unknown projector": (["train", "projector=nope"], "unknown projector 'nope'"),
     "unknown preset": (["train", "preset=huge"], "unknown preset 'huge'"),

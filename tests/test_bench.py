@@ -74,7 +74,9 @@ def test_a_model_outside_bench_refuses_random_sam_weights(synthref_root, tmp_pat
     with pytest.raises(ConfigError, match="only `svp bench`"):
         RISModel(cfg, tokenizer_for(cfg))
     assert main(["train", *overrides]) == 2
-    assert "mask_decoder.checkpoint=random" in capsys.readouterr().err
+    assert "mask_decoder.checkpoint=random: random SAM weights are for `svp bench` only" in (
+        capsys.readouterr().err
+    )
     assert not (tmp_path / "run").exists()
 
 

@@ -66,7 +66,7 @@ def shard_path(cache_dir: str | os.PathLike, part: str, shard: int) -> Path:
 def plan_shards(files: Mapping[Hashable, str], shard_size: int) -> list[list[list]]:
     """`[image id, file identity]` pairs sorted by id and cut into consecutive shards."""
     if shard_size < 1:
-        raise ConfigError(f"superpixels shard_size must be >= 1, got {shard_size}")
+        raise ConfigError(f"cache.shard_size={shard_size} must be at least 1 (images per file).")
     pairs = [[i, files[i]] for i in sorted(files)]
     return [pairs[k : k + shard_size] for k in range(0, len(pairs), shard_size)]
 

@@ -119,6 +119,25 @@ def _explain(err: OmegaConfBaseException, cfg: DictConfig, where: str) -> Config
     return ConfigError(f"config error at '{full_key}' ({where}): {str(err).splitlines()[0]}")
 
 
+def check_not_a_node(cfg: DictConfig, values: Sequence[str]) -> None:
+    """ConfigError for a `key=value` override whose key names a group of settings (`optim=3`):
+    OmegaConf's merge error would not name the key."""
+    for item in values:
+        key, _, value = item.partition("=")
+        key = key.strip().lstrip("+")
+        node = OmegaConf.select(cfg, key, default=None)
+        written = value.strip()
+        if (
+            isinstance(node, DictConfig)
+            and not written.startswith(("{", "["))
+            and written != "null"
+        ):
+            raise ConfigError(
+                f"{key}={value}: '{key}' holds settings ({', '.join(_node_keys(cfg, key))}), not "
+                f"a value; set one of them ({key}.<setting>=...)."
+            )
+
+
 def merge_into(cfg: DictConfig, data: Mapping | DictConfig, where: str) -> None:
     """Merge `data` into the root `cfg`, turning OmegaConf errors into ConfigError."""
     _merge(cfg, data, "", where)
@@ -196,6 +215,7 @@ def compose(
         cli = OmegaConf.from_dotlist(list(values))
     except OmegaConfBaseException as err:
         raise ConfigError(f"cannot parse overrides {list(values)}: {err}") from err
+    check_not_a_node(cfg, values)
     _merge(cfg, cli, "", "command line")
     if "groups" in cfg:
         with open_dict(cfg):

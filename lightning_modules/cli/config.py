@@ -17,6 +17,7 @@ from common.errors import ConfigError
 from lightning_modules.cli.compose import (
     CONFIG_ROOT,
     GroupSpec,
+    check_not_a_node,
     compose,
     load_yaml,
     merge_into,
@@ -203,5 +204,6 @@ def rebase_config(
     for group in choices:
         saved.pop(group, None)
     merge_into(cfg, saved, where)
+    check_not_a_node(cfg, values)
     merge_into(cfg, OmegaConf.from_dotlist(values), "command line")
     return cfg

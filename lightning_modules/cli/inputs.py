@@ -21,7 +21,14 @@ def check_run_inputs(cfg: DictConfig, training: bool = False) -> None:
     run folder does not hold a finished run; with several processes, the superpixel cache (else
     every rank but one would wait, for hours with ViT-H, while one builds it)."""
     check_values(cfg)
+    from common.sam import RANDOM_WEIGHTS
+
     ckpt = Path(cfg.mask_decoder.checkpoint)
+    if str(ckpt) == RANDOM_WEIGHTS:
+        raise ConfigError(
+            f"mask_decoder.checkpoint={RANDOM_WEIGHTS}: random SAM weights are for `svp bench` "
+            "only; point mask_decoder.checkpoint at a SAM checkpoint (or run `svp train-sam`)."
+        )
     if not ckpt.is_file():
         raise ConfigError(
             f"mask_decoder.checkpoint={ckpt} does not exist. Train the small SAM first with "
@@ -51,6 +58,8 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0.")
     if cfg.data.label_size < 1:
         raise ConfigError(f"data.label_size={cfg.data.label_size} (pixels) must be at least 1.")
+    if cfg.cache.shard_size < 1:
+        raise ConfigError(f"cache.shard_size={cfg.cache.shard_size} must be at least 1.")
     for key in ("data.batch_size", "data.eval_batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1.")
@@ -113,7 +122,8 @@ def check_run_folder(cfg: DictConfig) -> None:
 
 def require_checkpoint_file(path: str, key: str) -> None:
     if not Path(path).is_file():
-        raise ConfigError(f"{key}={path} does not exist; pass a .ckpt file of a run.")
+        what = "is a folder" if Path(path).is_dir() else "does not exist"
+        raise ConfigError(f"{key}={path} {what}; pass a .ckpt file of a run.")
 
 
 def checkpoint_state(model, path: str, key: str) -> dict:
@@ -129,7 +139,8 @@ def checkpoint_state(model, path: str, key: str) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise ConfigError(f"{key}={path} is not a readable checkpoint ({err}).") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{key}={path} is not a readable checkpoint ({first}).") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"{key}={path} is not a Lightning checkpoint (no state_dict in it).")
     state = checkpoint["state_dict"]
