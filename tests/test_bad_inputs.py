@@ -243,6 +243,10 @@ def test_paths_in_the_way_and_damaged_run_metrics_are_named(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"error: {runs / name / 'metrics.json'}") and "Traceback" not in err
         (runs / name / "metrics.json").unlink()
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert main(["eval", "--config", str(empty)]) == 2
+    assert f"config file {empty} is empty" in capsys.readouterr().err
     binary = tmp_path / "config.yaml"
     binary.write_bytes(b"\xff\xfe\x00bad")
     assert main(["eval", "--config", str(binary)]) == 2

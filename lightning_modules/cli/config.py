@@ -186,7 +186,10 @@ def load_saved_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass the config.yaml of a run.")
-    return rebase_config(load_yaml(path), overrides, str(path))
+    saved = load_yaml(path)
+    if not saved:
+        raise ConfigError(f"config file {path} is empty; pass the config.yaml of a run.")
+    return rebase_config(saved, overrides, str(path))
 
 
 def rebase_config(

@@ -30,9 +30,15 @@ def check_run_inputs(cfg: DictConfig, training: bool = False) -> None:
             "only; point mask_decoder.checkpoint at a SAM checkpoint (or run `svp train-sam`)."
         )
     if not ckpt.is_file():
+        relative = ""
+        if not ckpt.is_absolute():
+            relative = (
+                f" under {Path.cwd()} (relative paths, also in a saved config.yaml, are read "
+                "from the current folder)"
+            )
         raise ConfigError(
-            f"mask_decoder.checkpoint={ckpt} does not exist. Train the small SAM first with "
-            "`svp train-sam` (or point mask_decoder.checkpoint at a SAM checkpoint)."
+            f"mask_decoder.checkpoint={ckpt} does not exist{relative}. Train the small SAM first "
+            "with `svp train-sam` (or point mask_decoder.checkpoint at a SAM checkpoint)."
         )
     require_data(cfg)
     require_splits(cfg, training)
