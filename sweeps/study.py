@@ -139,7 +139,7 @@ def run_sweep(cfg: SweepConfig, train_fn: TrainFn, progress: bool = True) -> opt
     _check_same_space(study, cfg, space)
     if existing:
         _requeue_dead_trials(study, cfg.max_retry)
-    objective = _Objective(space, train_fn, Path(cfg.runs_root) / cfg.name, n_trials)
+    objective = _Objective(space, train_fn, Path(cfg.runs_root) / cfg.name, n_trials, storage)
     callbacks = [RetryTrialCallback(cfg.max_retry), _StopWhenFull(n_trials)]
     while (todo := _todo(study, n_trials)) > 0:
         timeout = None
@@ -162,13 +162,34 @@ def run_sweep(cfg: SweepConfig, train_fn: TrainFn, progress: bool = True) -> opt
 
 
 class _Objective:
-    def __init__(self, space: SearchSpace, train_fn: TrainFn, study_dir: Path, n_trials: int):
+    def __init__(
+        self,
+        space: SearchSpace,
+        train_fn: TrainFn,
+        study_dir: Path,
+        n_trials: int,
+        storage: optuna.storages.RDBStorage | None = None,
+    ):
         self.space = space
         self.train_fn = train_fn
         self.study_dir = study_dir
         self.n_trials = n_trials
+        self.storage = storage
+
+    def _first_heartbeat(self, trial: optuna.Trial) -> None:
+        """Record the trial's heartbeat before anything else runs. Optuna's heartbeat thread
+        writes its first one a moment later, and a trial whose worker dies before that has none:
+        it is never found stale, and holds its slot for good."""
+        storage = self.storage
+        if storage is None or storage.heartbeat_interval is None:
+            return
+        study_id = storage.get_study_id_from_name(trial.study.study_name)
+        storage.record_heartbeat(
+            storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        )
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        self._first_heartbeat(trial)
         holders = slot_holders(trial.study.get_trials(deepcopy=False))
         if sum(t.number < trial.number for t in holders) >= self.n_trials:
             trial.set_user_attr(SURPLUS, True)

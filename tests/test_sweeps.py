@@ -286,7 +286,6 @@ def _dies_before_its_second_draw(cfg: SweepConfig) -> None:
     def suggest(trial, space):
         calls.append(trial.number)
         if len(calls) == 2:
-            time.sleep(0.5)  # after the trial's first heartbeat, as any later kill would be
             os._exit(3)
         return sweeps.space.suggest(trial, space)
 
