@@ -18,7 +18,7 @@ OVERRIDES_HELP = textwrap.dedent(
     Config overrides are `key=value` words, before or after the options:
       group selections  preset=tiny|llava7b  projector=mlp|pool|resampler|c_abstractor|ldpv2|
                         tokenpacker|semantic  superpixels=sam|slic|felzenszwalb|grid|oracle
-                        data=...  model=...  trainer=cpu|gpu|ddp
+                        data=...  model=...  trainer=cpu|gpu|ddp|ddp_cpu
       dotted values     projector.k=4  optim.lr=3e-4  trainer.max_epochs=2  seed=1
     Unknown keys and wrong types are errors that name the key. `--show-config` prints the resolved
     config and exits. Group files live under configs/<group>/<choice>.yaml.
