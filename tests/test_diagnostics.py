@@ -75,6 +75,8 @@ def test_cli_rejects_bad_steps_and_modes(synthref_root, tiny_sam_checkpoint, tmp
     assert "--steps" in capsys.readouterr().err
     assert main(["diagnose", "grounding", "--mode", "nope", *args]) == 2
     assert "unknown" in capsys.readouterr().err
+    assert main(["diagnose", "grounding", "--select-steps", "-5", "--mode", "llm", *args]) == 2
+    assert "--select-steps -5 must be ≥ 0" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="needs projector=semantic"):
         check_mode("oracle_select", "mlp")
 

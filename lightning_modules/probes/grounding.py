@@ -218,6 +218,8 @@ def diagnose_grounding(
 
     if steps < 1 or eval_every < 1:
         raise ConfigError(f"--steps ({steps}) and --eval-every ({eval_every}) must be ≥ 1")
+    if select_steps < 0:
+        raise ConfigError(f"--select-steps {select_steps} must be ≥ 0 (0: no oracle_select steps)")
     check_mode(mode, cfg.projector.name)
     if select_steps:
         check_mode("oracle_select", cfg.projector.name)
