@@ -110,3 +110,22 @@ def file_key(*paths: str | os.PathLike) -> str:
         except OSError:
             parts.append(str(path))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def load_torch_file(path: str | os.PathLike, what: str, todo: str, **kwargs: Any) -> Any:
+    """`torch.load(path, map_location="cpu", **kwargs)`; a file torch cannot read (empty,
+    truncated, not a torch file) is a ConfigError: "`what` is not readable (torch's first
+    line); `todo`"."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    from common.errors import ConfigError
+
+    try:
+        return torch.load(path, map_location="cpu", **kwargs)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        raise ConfigError(f"{what} is not readable ({first}); {todo}") from None

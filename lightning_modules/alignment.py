@@ -8,8 +8,6 @@ answers' next-token loss. Its weights are saved under the same names `RISModel` 
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ConfigError
+from common.files import load_torch_file
 from lightning_modules.feature_cache import MEMORY, FrozenEncoder
 from lightning_modules.llm import (
     build_llm,
@@ -127,14 +126,12 @@ def load_aligned(model: torch.nn.Module, folder: str | Path, cfg: DictConfig) ->
             f"align.checkpoint={str(folder)!r} holds no {ALIGNED_FILE}; point it at an "
             "`svp align` output folder (align.out), or run `svp align` first"
         )
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        first = str(err).strip().splitlines()[0]
-        raise ConfigError(
-            f"align.checkpoint={str(folder)!r}: {ALIGNED_FILE} is not readable ({first}); run "
-            "`svp align` again into that folder"
-        ) from None
+    saved = load_torch_file(
+        path,
+        f"align.checkpoint={str(folder)!r}: {ALIGNED_FILE}",
+        "run `svp align` again into that folder",
+        weights_only=True,
+    )
     if not isinstance(saved, dict) or "projector_name" not in saved:
         raise ConfigError(
             f"align.checkpoint={str(folder)!r}: {ALIGNED_FILE} is not an `svp align` output; "

@@ -30,6 +30,7 @@ from .store import (
     ShardJob,
     SuperpixelStore,
     cache_dir_for,
+    check_shard_size,
     config_hash,
     open_or_create_cache,
     plan_work,
@@ -172,6 +173,7 @@ def precompute_superpixels(
     Returns:
       the cache folder and a summary: images, images_computed, seconds, images_per_s.
     """
+    check_shard_size(shard_size)  # before the cache folder is made
     build_cfg = resolve_source_config(source_cfg)
     name = build_cfg["name"]
     request = request_for(datasets, SOURCES[name].needs_instances)

@@ -63,10 +63,15 @@ def shard_path(cache_dir: str | os.PathLike, part: str, shard: int) -> Path:
     return Path(cache_dir) / f"{part}-{shard:05d}.npz"
 
 
-def plan_shards(files: Mapping[Hashable, str], shard_size: int) -> list[list[list]]:
-    """`[image id, file identity]` pairs sorted by id and cut into consecutive shards."""
+def check_shard_size(shard_size: int) -> None:
+    """ConfigError, naming `cache.shard_size`, unless it is at least 1."""
     if shard_size < 1:
         raise ConfigError(f"cache.shard_size={shard_size} must be at least 1 (images per file).")
+
+
+def plan_shards(files: Mapping[Hashable, str], shard_size: int) -> list[list[list]]:
+    """`[image id, file identity]` pairs sorted by id and cut into consecutive shards."""
+    check_shard_size(shard_size)
     pairs = [[i, files[i]] for i in sorted(files)]
     return [pairs[k : k + shard_size] for k in range(0, len(pairs), shard_size)]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import ConfigError, DataError
+from common.files import load_torch_file
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
@@ -58,14 +59,15 @@ def check_run_inputs(cfg: DictConfig, training: bool = False) -> None:
 
 def check_values(cfg: DictConfig) -> None:
     """ConfigError, naming the key, for sizes and values a run cannot run with."""
+    from datamodules.superpixels.store import check_shard_size
+
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed={cfg.seed} must be in [0, 2**32 - 1].")
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0.")
     if cfg.data.label_size < 1:
         raise ConfigError(f"data.label_size={cfg.data.label_size} (pixels) must be at least 1.")
-    if cfg.cache.shard_size < 1:
-        raise ConfigError(f"cache.shard_size={cfg.cache.shard_size} must be at least 1.")
+    check_shard_size(cfg.cache.shard_size)
     for key in ("data.batch_size", "data.eval_batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1.")
@@ -136,17 +138,10 @@ def checkpoint_state(model, path: str, key: str) -> dict:
     """The state dict of the Lightning checkpoint at `path`, read once; ConfigError, naming
     `key`, unless it is readable and its weights are this model's (the same names: a checkpoint
     of another config or another version of the suite is not)."""
-    import pickle
-    import zipfile
-
-    import torch
-
     require_checkpoint_file(path, key)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{key}={path} is not a readable checkpoint ({first}).") from None
+    checkpoint = load_torch_file(
+        path, f"{key}={path}", "pass a .ckpt file of a run", weights_only=False, mmap=True
+    )
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"{key}={path} is not a Lightning checkpoint (no state_dict in it).")
     state = checkpoint["state_dict"]

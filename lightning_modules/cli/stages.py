@@ -104,8 +104,6 @@ def run_precompute(cfg: DictConfig, splits: list[str] | None = None, progress: b
 
     # SAM inference on another thread count can flip a mask at the stability threshold
     use_threads(cfg.trainer.threads, "trainer.threads")
-    if cfg.cache.shard_size < 1:  # before the cache folder is made
-        raise ConfigError(f"cache.shard_size={cfg.cache.shard_size} must be at least 1.")
     require_data(cfg)
     datasets = [_refer(cfg, s) for s in cache_splits(cfg, splits)]
     if splits is None and cfg.data.get("mix"):  # and the train splits of every mixed data set
