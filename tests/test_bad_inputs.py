@@ -131,20 +131,26 @@ def test_bad_sweep_storage_is_named(storage, tmp_path, capsys):
     assert err.startswith("error: sweep.storage: cannot open") and "Traceback" not in err
 
 
-def test_a_checkpoint_of_another_model_is_named(finished_run, tmp_path, capsys):
-    """Weights saved with another config (here: another projector) do not load silently, nor
-    with a traceback: the error names the key and the mismatch."""
+@pytest.mark.parametrize(
+    "other_model, named",
+    [("projector=resampler", "holds other weights"), ("llm.hidden_size=64", "of another shape")],
+    ids=["other parameter names", "same names, other shapes"],
+)
+def test_a_checkpoint_of_another_model_is_named(finished_run, other_model, named, tmp_path, capsys):
+    """Weights saved with another config (another projector; the LLM at another width) do not
+    load silently, nor with a traceback: the error names the key and the mismatch."""
     overrides, run_dir = finished_run
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     other = tmp_path / "other"
-    argv = ["train", *overrides, "projector=resampler", f"run_dir={other}", f"ckpt_path={ckpt}"]
+    argv = ["train", *overrides, other_model, f"run_dir={other}", f"ckpt_path={ckpt}"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert f"ckpt_path={ckpt} holds other weights" in err and "Traceback" not in err
-    assert not other.exists()
+    assert f"ckpt_path={ckpt} holds other weights" in err and named in err
+    assert "Traceback" not in err and not other.exists()
     config = str(run_dir / "config.yaml")
-    assert main(["eval", "--config", config, "projector=resampler", "--ckpt", str(ckpt)]) == 2
-    assert f"--ckpt={ckpt} holds other weights" in capsys.readouterr().err
+    assert main(["eval", "--config", config, other_model, "--ckpt", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert f"--ckpt={ckpt} holds other weights" in err and named in err
 
 
 MORE = {
@@ -215,18 +221,6 @@ def test_a_corrupt_alignment_is_named(finished_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: align.checkpoint='{folder}': aligned.pt is not readable")
     assert "Traceback" not in err and not run_dir.exists()
-
-
-def test_a_checkpoint_with_other_shapes_is_named(finished_run, tmp_path, capsys):
-    """Same parameter names, other sizes (here the LLM's width): named, not a traceback."""
-    overrides, run_dir = finished_run
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    other = tmp_path / "other"
-    argv = ["train", *overrides, "llm.hidden_size=64", f"run_dir={other}", f"ckpt_path={ckpt}"]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert f"ckpt_path={ckpt} holds other weights" in err and "of another shape" in err
-    assert "Traceback" not in err and not other.exists()
 
 
 def test_paths_in_the_way_and_damaged_run_metrics_are_named(tmp_path, capsys):

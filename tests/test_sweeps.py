@@ -259,14 +259,20 @@ def _dying_worker(cfg: SweepConfig) -> None:
     run_sweep(cfg, lambda overrides, run_dir, callbacks: os._exit(3), progress=False)
 
 
-def test_stale_trial_of_a_dead_worker_is_retried(tmp_path):
-    space = _space_file(tmp_path, SMALL_GRID)
-    cfg = _cfg(tmp_path, space, heartbeat_interval=1, grace_period=1)
-    dead = mp.get_context("spawn").Process(target=_dying_worker, args=(cfg,))
+def _worker_dies(target, cfg: SweepConfig) -> None:
+    """Run `target(cfg)` in a worker process that exits with 3 mid-trial, then wait past the
+    grace period (1 s in these configs), so its trial is stale."""
+    dead = mp.get_context("spawn").Process(target=target, args=(cfg,))
     dead.start()
     dead.join(60)
     assert dead.exitcode == 3
     time.sleep(2.5)
+
+
+def test_stale_trial_of_a_dead_worker_is_retried(tmp_path):
+    space = _space_file(tmp_path, SMALL_GRID)
+    cfg = _cfg(tmp_path, space, heartbeat_interval=1, grace_period=1)
+    _worker_dies(_dying_worker, cfg)
     study = run_sweep(cfg, fake_train, progress=False)
     stale = study.trials[0]
     assert stale.state == TrialState.FAIL
@@ -296,13 +302,9 @@ def _dies_before_its_second_draw(cfg: SweepConfig) -> None:
 def test_grid_trial_killed_before_drawing_its_point_reruns_that_point(tmp_path):
     space = _space_file(tmp_path, SMALL_GRID)
     cfg = _cfg(tmp_path, space, heartbeat_interval=1, grace_period=1)
-    dead = mp.get_context("spawn").Process(target=_dies_before_its_second_draw, args=(cfg,))
-    dead.start()
-    dead.join(60)
-    assert dead.exitcode == 3
+    _worker_dies(_dies_before_its_second_draw, cfg)
     died = load_study("s", runs_root=tmp_path / "runs").trials[1]
     assert died.state == TrialState.RUNNING and not died.params and "grid_id" in died.system_attrs
-    time.sleep(2.5)  # past the grace period: the dead worker's trial is stale
     study = run_sweep(cfg, fake_train, progress=False)
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 6 and len(set(_configs(study))) == 6
