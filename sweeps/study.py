@@ -110,9 +110,9 @@ def _retried(trials: Sequence[FrozenTrial]) -> set[int]:
     }
 
 
-def run_sweep(cfg: SweepConfig, train_fn: TrainFn, progress: bool = True) -> optuna.Study:
-    """Create or resume study `cfg.name` and run trials until it holds its `n_trials`."""
-    start = time.monotonic()
+def worker_space(cfg: SweepConfig) -> SearchSpace:
+    """The worker's search space (`cfg.overrides` appended to its base overrides), its settings
+    checked: ConfigError, naming the key, for values a sweep cannot run with."""
     space = load_space(cfg.space)
     space = replace(space, base_overrides=(*space.base_overrides, *cfg.overrides))
     if cfg.n_trials is not None and cfg.n_trials < 1:
@@ -126,6 +126,20 @@ def run_sweep(cfg: SweepConfig, train_fn: TrainFn, progress: bool = True) -> opt
             f"sweep.n_trials={n_trials} exceeds the {len(space.grid)} configs of grid space "
             f"'{cfg.space}'; leave sweep.n_trials unset to run each config once."
         )
+    if cfg.n_jobs < 1:
+        raise ConfigError(f"sweep.n_jobs={cfg.n_jobs} must be at least 1 (trials run at once).")
+    if cfg.worker < 0:
+        raise ConfigError(f"sweep.worker={cfg.worker} must be ≥ 0 (it seeds the sampler).")
+    if cfg.timeout_minutes is not None and not cfg.timeout_minutes > 0:
+        raise ConfigError(f"sweep.timeout_minutes={cfg.timeout_minutes} must be > 0, or null.")
+    return space
+
+
+def run_sweep(cfg: SweepConfig, train_fn: TrainFn, progress: bool = True) -> optuna.Study:
+    """Create or resume study `cfg.name` and run trials until it holds its `n_trials`."""
+    start = time.monotonic()
+    space = worker_space(cfg)
+    n_trials = study_size(cfg, space)
     storage = _make_storage(cfg)
     existing = _existing_trials(storage, cfg.name)
     study = optuna.create_study(

@@ -176,6 +176,7 @@ MORE = {
     ),
     "a space's bad value": (["sweep", "sweep.overrides=[optim.lr=-1]"], "optim.lr=-1"),
     "demo with a bad value": (["demo", "optim.lr=-1"], "optim.lr=-1"),
+    "demo with no trials": (["demo", "sweep.n_trials=-1"], "sweep.n_trials=-1"),
 }
 
 

@@ -172,13 +172,20 @@ def run_superpixel_show(
 
 
 # ------------------------------------------------------------------------------ sweeps
+def _trial_base(cfg: DictConfig) -> dict:
+    """The sweep command's own config, resolved and without its run_dir: each trial's
+    overrides go on top of it."""
+    base = OmegaConf.to_container(cfg, resolve=True)
+    base.pop("run_dir", None)
+    return base
+
+
 def make_train_fn(cfg: DictConfig):
     """A sweep's trial runner: the sweep command's own config + the trial's overrides → `train`."""
     from lightning_modules.cli.config import rebase_config
     from lightning_modules.cli.train import train
 
-    base = OmegaConf.to_container(cfg, resolve=True)
-    base.pop("run_dir", None)
+    base = _trial_base(cfg)
 
     def train_fn(overrides: list[str], run_dir: Path, callbacks: list) -> dict:
         trial_cfg = rebase_config(base, [*overrides, f"run_dir={run_dir}"], "sweep base config")
@@ -193,22 +200,13 @@ def check_sweep(cfg: DictConfig) -> None:
     """The worker's settings and every config a trial of the space can compose (`trial_overrides`),
     checked before the study is made: a wrong key or value fails at once, naming the trial's
     overrides, instead of in every trial."""
-    from dataclasses import replace
-
     from lightning_modules.cli.config import rebase_config
-    from sweeps.space import load_space, trial_overrides
+    from sweeps.space import trial_overrides
+    from sweeps.study import worker_space
 
     sweep = cfg.sweep
-    if sweep.n_jobs < 1:
-        raise ConfigError(f"sweep.n_jobs={sweep.n_jobs} must be at least 1 (trials run at once).")
-    if sweep.worker < 0:
-        raise ConfigError(f"sweep.worker={sweep.worker} must be ≥ 0 (it seeds the sampler).")
-    if sweep.timeout_minutes is not None and not sweep.timeout_minutes > 0:
-        raise ConfigError(f"sweep.timeout_minutes={sweep.timeout_minutes} must be > 0, or null.")
-    space = load_space(sweep.space)
-    space = replace(space, base_overrides=(*space.base_overrides, *sweep.overrides))
-    base = OmegaConf.to_container(cfg, resolve=True)
-    base.pop("run_dir", None)
+    space = worker_space(OmegaConf.to_object(sweep))
+    base = _trial_base(cfg)
     for overrides in trial_overrides(space):
         try:
             check_values(rebase_config(base, overrides, "sweep base config"))
